@@ -1,0 +1,172 @@
+"""Command-line flags, distributed set-up, and model + tokenizer construction (the original's initialize.py).
+
+Accepts the original's model flags so configs/model_glm_130b*.sh work unchanged; runs single-process with no
+launcher, under torchrun, or under the DeepSpeed launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+"""
+import argparse
+import os
+import random
+import sys
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import GLM130B, GLMConfig, mpu
+from model.checkpoint import load_checkpoint
+from model.errors import UserError
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers", type=int, default=24)
+    g.add_argument("--hidden-size", type=int, default=1024)
+    g.add_argument("--inner-hidden-size", type=int, default=None)
+    g.add_argument("--vocab-size", type=int, default=0)
+    g.add_argument("--num-attention-heads", type=int, default=16)
+    g.add_argument("--max-sequence-length", type=int, default=512)
+    g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
+    g.add_argument("--layernorm-order", default="post", choices=["post", "pre", "sandwich"],
+                   help="accepted for compatibility; GLM-130B is always DeepNorm post-LN")
+    g.add_argument("--tokenizer-type", default="icetk-glm-130B")
+    g.add_argument("--tokenizer-path", default=None,
+                   help="ice_text.model (or its folder); default $ICETK_MODELS or ~/.icetk_models")
+    g.add_argument("--load", default=None, help="SAT checkpoint folder (holds `latest`)")
+    g.add_argument("--skip-init", action="store_true", help="accepted for compatibility (weights are never initialised)")
+    g.add_argument("--mode", default="inference", choices=["inference", "pretrain", "finetune"])
+    g.add_argument("--seed", type=int, default=1234)
+    prec = g.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true")
+    prec.add_argument("--bf16", action="store_true")
+    prec.add_argument("--fp32", action="store_true")
+    g.add_argument("--exact-rope", action="store_true",
+                   help="exact fp32 RoPE tables instead of SAT 0.2.x's fp16-rounded ones")
+    g.add_argument("--attention", default="auto", choices=["auto", "plain", "sdpa"],
+                   help="plain = SAT's exact op order; sdpa = fused kernel; auto = sdpa for bf16")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this rank's GPU if any, else cpu)")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher")
+    q = parser.add_argument_group("quantization")
+    q.add_argument("--quantization-bit-width", type=int, default=None, choices=[4, 8])
+    q.add_argument("--from-quantized-checkpoint", action="store_true")
+    i = parser.add_argument_group("initialization")
+    i.add_argument("--sequential-initialization", action="store_true",
+                   help="load the model-parallel shards one rank at a time (lower peak host RAM)")
+
+
+def parse_args(extra_args_provider: Optional[Callable] = None, argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(allow_abbrev=True)
+    add_model_args(parser)
+    if extra_args_provider is not None:
+        extra_args_provider(parser)
+    args = parser.parse_args(argv)
+    args.rank = int(os.environ.get("RANK", "0"))
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank if args.local_rank is not None else 0))
+    args.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size))
+    validate_args(args)
+    args.device = resolve_device(args.device, args.local_rank)
+    args.params_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+    return args
+
+
+def validate_args(args) -> None:
+    mp = args.model_parallel_size
+    if mp < 1:
+        raise UserError(f"--model-parallel-size must be at least 1, got {mp}")
+    if args.world_size % mp:
+        raise UserError(f"{args.world_size} processes cannot form model-parallel groups of {mp}: the world size "
+                        f"must be a multiple of --model-parallel-size")
+    if args.vocab_size <= 0:
+        raise UserError("--vocab-size is required (150528 for GLM-130B)")
+    for flag, value in [("--num-attention-heads", args.num_attention_heads), ("--hidden-size", args.hidden_size),
+                        ("--inner-hidden-size", args.inner_hidden_size or 4 * args.hidden_size * 2 // 3),
+                        ("--vocab-size", args.vocab_size)]:
+        if value % mp:
+            raise UserError(f"{flag} {value} is not divisible by --model-parallel-size {mp}")
+    if args.hidden_size % args.num_attention_heads:
+        raise UserError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+                        f"{args.num_attention_heads}")
+    if args.quantization_bit_width is None and args.from_quantized_checkpoint:
+        raise UserError("--from-quantized-checkpoint needs --quantization-bit-width 4 or 8")
+
+
+def resolve_device(device: Optional[str], local_rank: int) -> torch.device:
+    if device is None or device in ("-1", ""):
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.isdigit():
+        device = f"cuda:{device}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu")
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    return torch.device(device)
+
+
+def initialize_distributed(args) -> None:
+    if args.device.type == "cuda":
+        torch.cuda.set_device(args.device)
+    elif args.local_world_size > 1:  # share the cores between the ranks of this machine
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.local_world_size))
+    if args.world_size > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "localhost")
+        os.environ.setdefault("MASTER_PORT", "6000")
+        backend = "nccl" if args.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=args.rank, world_size=args.world_size)
+    mpu.initialize_model_parallel(args.model_parallel_size)
+
+
+def set_random_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def initialize(extra_args_provider: Optional[Callable] = None, argv=None) -> argparse.Namespace:
+    args = parse_args(extra_args_provider, argv)
+    args.do_train = False
+    initialize_distributed(args)
+    set_random_seed(args.seed)
+    return args
+
+
+def build_model(args) -> GLM130B:
+    """The model with this rank's shard loaded (and quantized when asked)."""
+    config = GLMConfig.from_args(args)
+    model = GLM130B(config, dtype=args.params_dtype, device="meta", attention=args.attention)
+    bits = args.quantization_bit_width
+    if bits and args.from_quantized_checkpoint:
+        from quantization import quantize
+        quantize(model, bits)
+    if args.load is None:
+        raise UserError("no checkpoint given: pass --load <folder> (or source a configs/*.sh that sets it)")
+    load_checkpoint(model, args.load, mpu.get_model_parallel_rank(), args.model_parallel_size, args.device)
+    if bits and not args.from_quantized_checkpoint:
+        from quantization import quantize
+        quantize(model, bits)
+    return model.eval()
+
+
+def initialize_model_and_tokenizer(args):
+    from model.tokenizer import get_tokenizer
+    tokenizer = get_tokenizer(args)
+    mpu.barrier()
+    start = time.time()
+    model = None
+    for turn in range(args.model_parallel_size):
+        if mpu.get_model_parallel_rank() == turn:
+            model = build_model(args)
+        if args.sequential_initialization:
+            mpu.barrier(group=mpu.get_model_parallel_group())
+    mpu.barrier()
+    mpu.print_rank_0(f"> Model initialized in {time.time() - start:.1f}s")
+    return model, tokenizer
+
+
+if __name__ == "__main__":
+    print("initialize.py is a library; run generate.py, evaluate.py or benchmark.py", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,122 @@
+"""SAT checkpoint folders: `<dir>/latest`, `<dir>/<iteration>/mp_rank_XX_model_states.pt`, weights under 'module'."""
+import os
+import re
+import warnings
+from typing import Dict, List
+
+import torch
+
+from model.errors import UserError
+
+SHARD_PATTERN = re.compile(r"^mp_rank_(\d{2,})_model_states\.pt$")
+
+
+def read_latest(load_dir: str) -> str:
+    """The iteration folder name recorded in `<load_dir>/latest` (a number or 'release')."""
+    if not os.path.isdir(load_dir):
+        raise UserError(f"checkpoint folder {load_dir!r} does not exist; pass the folder holding `latest` with --load")
+    latest = os.path.join(load_dir, "latest")
+    if not os.path.isfile(latest):
+        raise UserError(f"{latest} is missing: a SAT checkpoint folder holds a `latest` file naming its iteration "
+                        f"(e.g. 49300); check --load")
+    iteration = open(latest).read().strip()
+    if iteration != "release" and not iteration.isdigit():
+        raise UserError(f"{latest} holds {iteration!r}; expected an iteration number or 'release'")
+    return iteration
+
+
+def shard_path(load_dir: str, iteration: str, mp_rank: int) -> str:
+    return os.path.join(load_dir, iteration, f"mp_rank_{mp_rank:02d}_model_states.pt")
+
+
+def list_shards(load_dir: str) -> List[str]:
+    """All shard files of the checkpoint in rank order; checks that ranks 0..n-1 are all present."""
+    iteration = read_latest(load_dir)
+    folder = os.path.join(load_dir, iteration)
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder} is missing (named by {os.path.join(load_dir, 'latest')})")
+    ranks = sorted(int(m.group(1)) for f in os.listdir(folder) if (m := SHARD_PATTERN.match(f)))
+    if not ranks:
+        raise UserError(f"no mp_rank_XX_model_states.pt files in {folder}")
+    if ranks != list(range(len(ranks))):
+        missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+        raise UserError(f"{folder} is incomplete: shard(s) {', '.join(f'mp_rank_{r:02d}' for r in missing)} missing")
+    return [shard_path(load_dir, iteration, r) for r in ranks]
+
+
+def load_shard_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The 'module' state dict of one shard, memory-mapped and without running any pickled code."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint shard {path} is missing") from None
+    except Exception as e:  # weights_only refuses pickled callables; torn files fail to unpickle
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {path} safely ({first_line}); it must be a plain SAT checkpoint "
+                        f"(tensors under 'module')") from None
+    if not isinstance(obj, dict) or "module" not in obj or not isinstance(obj["module"], dict):
+        raise UserError(f"{path} is not a SAT checkpoint shard: expected a dict with the weights under 'module'")
+    return obj["module"]
+
+
+def save_shard(path: str, state_dict: Dict[str, torch.Tensor]) -> None:
+    """Write one shard as the original convert_tp.py does: exactly {'module': state_dict}."""
+    torch.save({"module": state_dict}, path)
+
+
+def warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=2)
+
+
+def _describe_shape(t) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+def check_state_dict(expected: Dict[str, torch.Tensor], found: Dict[str, torch.Tensor], path: str,
+                     flags_hint: str = "the model flags") -> None:
+    """Missing keys and shape mismatches are errors naming the key; unexpected keys get one warning."""
+    missing = [k for k in expected if k not in found]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(f"{path} lacks {len(missing)} key(s) the model needs: {shown}")
+    for key, want in expected.items():
+        got = found[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise UserError(f"{path}: {key} has shape {_describe_shape(got)} but {flags_hint} expect "
+                            f"{_describe_shape(want)}; check --num-layers/--hidden-size/--num-attention-heads/"
+                            f"--inner-hidden-size/--vocab-size/--model-parallel-size")
+    unexpected = [k for k in found if k not in expected]
+    if unexpected:
+        warn_once(f"ignoring {len(unexpected)} unexpected key(s) in {path} (e.g. {unexpected[0]})")
+
+
+def load_checkpoint(model: torch.nn.Module, load_dir: str, mp_rank: int, mp_size: int, device="cpu") -> str:
+    """Load this rank's shard into `model` (which may live on the meta device). Returns the shard path.
+
+    Tensors are memory-mapped and assigned without a copy when dtype and device already match, so peak host RAM
+    stays near one shard.
+    """
+    shards = list_shards(load_dir)
+    if len(shards) != mp_size:
+        raise UserError(f"{load_dir} holds a {len(shards)}-way tensor-parallel checkpoint but "
+                        f"--model-parallel-size is {mp_size}; pass --model-parallel-size {len(shards)} or convert it "
+                        f"with: python tools/convert_tp.py --input-folder {load_dir} --output-folder <new folder> "
+                        f"--target-tp {mp_size}")
+    path = shards[mp_rank]
+    found = load_shard_state_dict(path)
+    expected = model.state_dict()
+    check_state_dict(expected, found, path)
+    loaded = {}
+    for key, want in expected.items():
+        t = found[key]
+        if t.dtype != want.dtype and want.dtype.is_floating_point == t.dtype.is_floating_point:
+            t = t.to(want.dtype)
+        elif t.dtype != want.dtype:
+            raise UserError(f"{path}: {key} is {t.dtype} but the model expects {want.dtype} "
+                            f"(a quantized checkpoint needs --quantization-bit-width and --from-quantized-checkpoint)")
+        loaded[key] = t.to(device)
+    model.load_state_dict(loaded, strict=True, assign=True)
+    for module in model.modules():
+        if hasattr(module, "after_load"):
+            module.after_load()
+    return path

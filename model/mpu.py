@@ -1,0 +1,169 @@
+"""All tensor-/data-parallel communication lives here (Megatron's 2019 `mpu`).
+
+Model-parallel groups are consecutive ranks [k*MP, (k+1)*MP); data-parallel groups are the ranks with equal
+`rank % MP`. Every function is a no-op (or the identity) when torch.distributed is not initialised or the group
+has one rank, so TP=1, gloo and NCCL share one code path.
+"""
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+_MP_GROUP = None
+_DP_GROUP = None
+_MP_SIZE = 1
+
+
+def initialize_model_parallel(model_parallel_size: int) -> None:
+    """Create the model- and data-parallel groups (every rank must call this, in the same order)."""
+    global _MP_GROUP, _DP_GROUP, _MP_SIZE
+    _MP_SIZE = model_parallel_size
+    if not dist.is_initialized():
+        return
+    world, rank = dist.get_world_size(), dist.get_rank()
+    for start in range(0, world, model_parallel_size):
+        ranks = list(range(start, start + model_parallel_size))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            _MP_GROUP = group
+    for offset in range(model_parallel_size):
+        ranks = list(range(offset, world, model_parallel_size))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            _DP_GROUP = group
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_model_parallel_group():
+    return _MP_GROUP
+
+
+def get_data_parallel_group():
+    return _DP_GROUP
+
+
+def get_model_parallel_world_size() -> int:
+    return _MP_SIZE if _distributed() else 1
+
+
+def get_model_parallel_rank() -> int:
+    return dist.get_rank() % _MP_SIZE if _distributed() else 0
+
+
+def get_model_parallel_src_rank() -> int:
+    """Global rank of model-parallel rank 0 in this rank's group."""
+    return dist.get_rank() - get_model_parallel_rank() if _distributed() else 0
+
+
+def get_data_parallel_world_size() -> int:
+    return dist.get_world_size() // _MP_SIZE if _distributed() else 1
+
+
+def get_data_parallel_rank() -> int:
+    return dist.get_rank() // _MP_SIZE if _distributed() else 0
+
+
+def get_rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def barrier(group=None) -> None:
+    if _distributed():
+        dist.barrier(group=group)
+
+
+def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    # gloo has no reliable half/bfloat16 reductions: sum those in fp32 (it is also more accurate).
+    if x.dtype in (torch.float16, torch.bfloat16) and dist.get_backend(group) == "gloo":
+        y = x.float()
+        dist.all_reduce(y, group=group)
+        return y.to(x.dtype)
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def reduce_from_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Sum of the partial results of all model-parallel ranks (row-parallel output)."""
+    if get_model_parallel_world_size() == 1:
+        return x
+    return _all_reduce_sum(x.contiguous(), _MP_GROUP)
+
+
+def gather_from_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate the ranks' slices of the last dimension (column-parallel output, vocab logits)."""
+    world = get_model_parallel_world_size()
+    if world == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x, group=_MP_GROUP)
+    return torch.cat(parts, dim=-1)
+
+
+def all_reduce_model_parallel(x: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all-reduce over the model-parallel group (op defaults to SUM)."""
+    if get_model_parallel_world_size() > 1:
+        if op is None or op == dist.ReduceOp.SUM:
+            x.copy_(_all_reduce_sum(x, _MP_GROUP))
+        else:
+            dist.all_reduce(x, op=op, group=_MP_GROUP)
+    return x
+
+
+def broadcast_from_model_parallel_src(x: torch.Tensor) -> torch.Tensor:
+    """Make every model-parallel rank hold model-parallel rank 0's `x` (in place)."""
+    if get_model_parallel_world_size() > 1:
+        dist.broadcast(x, get_model_parallel_src_rank(), group=_MP_GROUP)
+    return x
+
+
+def broadcast_object_from_model_parallel_src(obj: Any) -> Any:
+    if get_model_parallel_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, get_model_parallel_src_rank(), group=_MP_GROUP)
+    return box[0]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Every rank gets global rank `src`'s object."""
+    if not _distributed() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def all_gather_object_data_parallel(obj: Any) -> List[Any]:
+    """One object per data-parallel rank, in data-parallel rank order."""
+    if get_data_parallel_world_size() == 1:
+        return [obj]
+    out: List[Optional[Any]] = [None] * get_data_parallel_world_size()
+    dist.all_gather_object(out, obj, group=_DP_GROUP)
+    return out
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy from vocab-sharded logits [..., V/mp] (fp32), without gathering the vocabulary."""
+    logits = logits.float()
+    world, rank = get_model_parallel_world_size(), get_model_parallel_rank()
+    part = logits.shape[-1]
+    start = rank * part
+    logits_max = logits.max(dim=-1).values
+    all_reduce_model_parallel(logits_max, dist.ReduceOp.MAX if world > 1 else None)
+    shifted = logits - logits_max.unsqueeze(-1)
+    local = (targets >= start) & (targets < start + part)
+    index = (targets - start).clamp(0, part - 1).unsqueeze(-1)
+    target_logit = shifted.gather(-1, index).squeeze(-1) * local
+    all_reduce_model_parallel(target_logit)
+    sum_exp = shifted.exp().sum(dim=-1)
+    all_reduce_model_parallel(sum_exp)
+    return sum_exp.log() - target_logit
+
+
+def print_rank_0(*args, **kwargs) -> None:
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
