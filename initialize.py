@@ -77,8 +77,9 @@ def validate_args(args) -> None:
     if mp < 1:
         raise UserError(f"--model-parallel-size must be at least 1, got {mp}")
     if args.world_size % mp:
-        raise UserError(f"{args.world_size} processes cannot form model-parallel groups of {mp}: the world size "
-                        f"must be a multiple of --model-parallel-size")
+        raise UserError(f"--model-parallel-size {mp} needs a multiple of {mp} processes but {args.world_size} "
+                        f"process(es) were started: launch with torchrun --nproc_per_node {mp} (scripts/*.sh do), "
+                        f"or convert the checkpoint with tools/convert_tp.py --target-tp {args.world_size}")
     if args.vocab_size <= 0:
         raise UserError("--vocab-size is required (150528 for GLM-130B)")
     for flag, value in [("--num-attention-heads", args.num_attention_heads), ("--hidden-size", args.hidden_size),

@@ -19,7 +19,8 @@ def read_latest(load_dir: str) -> str:
     if not os.path.isfile(latest):
         raise UserError(f"{latest} is missing: a SAT checkpoint folder holds a `latest` file naming its iteration "
                         f"(e.g. 49300); check --load")
-    iteration = open(latest).read().strip()
+    with open(latest) as f:
+        iteration = f.read().strip()
     if iteration != "release" and not iteration.isdigit():
         raise UserError(f"{latest} holds {iteration!r}; expected an iteration number or 'release'")
     return iteration
