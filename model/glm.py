@@ -210,7 +210,8 @@ class GLM130B(nn.Module):
             return self.dtype == torch.bfloat16
         return self.attention == "sdpa"
 
-    def _run(self, tokens, position_ids, attention_mask, past, logits_index=None, parallel_output=False):
+    def _run(self, tokens, position_ids, attention_mask, past, logits_index=None, parallel_output=False,
+             keep_kv=True):
         h = self.transformer.word_embeddings(tokens)
         cos, sin = self.rotary.cos_sin(position_ids, h.dtype)
         use_sdpa = self._use_sdpa()
@@ -220,9 +221,12 @@ class GLM130B(nn.Module):
         new_kv = []
         for layer in self.transformer.layers:
             h, k, v = layer(h, cos, sin, mask, past, use_sdpa)
-            new_kv.append((k, v))
-        if logits_index is not None:  # only the rows whose next token is wanted
-            h = h[torch.arange(h.shape[0], device=h.device), logits_index.to(h.device)].unsqueeze(1)
+            if keep_kv:
+                new_kv.append((k, v))
+        if logits_index is not None:  # only the rows whose logits are wanted: [b] or [b, k] positions
+            index = logits_index.to(h.device)
+            index = index[:, None] if index.dim() == 1 else index
+            h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
         h = self.transformer.final_layernorm(h)
         logits = F.linear(h, self.transformer.word_embeddings.weight)
         if not parallel_output:
@@ -238,6 +242,13 @@ class GLM130B(nn.Module):
         per_layer = [{"mem_kv": torch.cat([k.transpose(1, 2).reshape(b, s, -1), v.transpose(1, 2).reshape(b, s, -1)], -1)}
                      for k, v in new_kv]
         return (logits, *per_layer)
+
+    @torch.inference_mode()
+    def logits(self, tokens, position_ids, attention_mask, logits_index: Optional[torch.Tensor] = None,
+               parallel_output=False) -> torch.Tensor:
+        """Logits without keeping any keys/values (scoring). logits_index [b] or [b, k]: only those rows."""
+        return self._run(tokens, position_ids, attention_mask, _NoPast(), logits_index, parallel_output,
+                         keep_kv=False)[0]
 
     @torch.inference_mode()
     def forward_with_cache(self, tokens, position_ids, attention_mask, cache: KVCache,

@@ -10,10 +10,14 @@ import fcntl
 import os
 import sys
 
+import sentencepiece as spm
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.errors import main_entry  # noqa: E402
-from tools.build_test_tokenizer import ensure_test_tokenizer  # noqa: E402
+from model.checkpoint import save_shard  # noqa: E402
+from tools.build_test_tokenizer import ensure_test_tokenizer, filler_piece  # noqa: E402
 from tools.create_random_checkpoint import create_random_checkpoint  # noqa: E402
 
 DEMO_MODEL = dict(num_layers=4, hidden_size=256, num_attention_heads=4, inner_hidden_size=512, vocab_size=150528)
@@ -27,8 +31,31 @@ def ensure_demo(demo_dir: str) -> str:
         ckpt = os.path.join(demo_dir, "checkpoint")
         if not os.path.isdir(ckpt):
             print(f"> Creating the DEMO model (random weights, not GLM-130B) in {ckpt}", file=sys.stderr)
-            create_random_checkpoint(ckpt, **DEMO_MODEL, dtype="fp16", seed=1234)
+            partial = ckpt + ".tmp"
+            create_random_checkpoint(partial, **DEMO_MODEL, dtype="fp16", seed=1234)
+            silence_unused_rows(partial, os.path.join(demo_dir, "ice_text.model"))
+            os.rename(partial, ckpt)
     return demo_dir
+
+
+def silence_unused_rows(ckpt: str, tokenizer_path: str) -> None:
+    """Zero the embedding rows of ids that are not real pieces of the test tokenizer (image ids, its ~128k
+    filler pieces, padding rows), so the demo's output is made of real words, and scale the others down so the
+    random logits are not peaked on one word: still random, but readable."""
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    live = torch.tensor([sp.IdToPiece(i) != filler_piece(i) for i in range(sp.GetPieceSize())])
+    path = os.path.join(ckpt, "1", "mp_rank_00_model_states.pt")
+    sd = torch.load(path, weights_only=True)["module"]
+    emb = sd["transformer.word_embeddings.weight"]
+    keep = torch.zeros(emb.shape[0], dtype=torch.bool)
+    keep[20000:20000 + len(live)] = live
+    keep[150000:150008] = True
+    emb[~keep] = 0
+    emb[keep] *= 0.5
+    # With tied input/output embeddings a random model tends to repeat its last token (its own embedding dominates
+    # the residual stream); a negative final LayerNorm gain turns that self-similarity into self-avoidance.
+    sd["transformer.final_layernorm.weight"] = -sd["transformer.final_layernorm.weight"].abs()
+    save_shard(path, sd)
 
 
 @main_entry

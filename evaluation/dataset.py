@@ -1,0 +1,374 @@
+"""Evaluation data files -> model inputs (tokens, position ids, attention masks), as §7.5-7.6 of the original.
+
+Every model input is described by a `Layout`: its tokens and position ids, a context block of `prefix` tokens
+(bidirectional, or causal when the task is unidirectional) and causal `segments` that see the context and
+themselves only (a multiple-choice answer, a generation's `sop`, a language-model window's text). The attention
+masks are built per batch from the layouts, padded only to the longest input of the batch (the original padded
+every batch to a multiple of 32; padding is masked, so only the amount of work changes).
+
+Deliberate differences from the original (documented in docs/evaluation-data.md):
+- an empty multiple-choice answer is scored as `[eop]` (the original crashed), as the original's later code does;
+- a generation target given as one string counts as a one-element list (the original's metrics broke on it);
+- multiple-choice contexts are truncated with the file-wide single-token flag, so no input exceeds max_seq_length;
+- unidirectional language-model windows score each token once (the original re-scored the window overlaps).
+"""
+import math
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from evaluation.configs import (BaseConfig, GenerationTaskConfig, LanguageModelTaskConfig,
+                                MultiChoiceTaskConfig)
+from evaluation.utils import get_tokenized_input, read_json_items
+from model.errors import UserError
+
+PAD_ID = 0
+
+
+@dataclass
+class Layout:
+    tokens: np.ndarray  # int64 [length]
+    position_ids: np.ndarray  # int64 [length]
+    prefix: int  # rows and columns [0, prefix) are the context block
+    prefix_causal: bool = False  # the context block is causal (unidirectional) instead of bidirectional
+    segments: List[Tuple[int, int]] = field(default_factory=list)  # causal blocks [start, end) after the context
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def attention_mask_allowed(layout: Layout, out: torch.Tensor) -> None:
+    """Write the layout's allowed-attention pattern into `out` [L, L] (bool, True = may attend)."""
+    p = layout.prefix
+    if layout.prefix_causal:
+        out[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril_()
+    else:
+        out[:p, :p] = True
+    for start, end in layout.segments:
+        n = end - start
+        out[start:end, :p] = True
+        out[start:end, start:end] = torch.ones(n, n, dtype=torch.bool).tril_()
+
+
+def collate_layouts(layouts: Sequence[Layout]) -> Dict[str, torch.Tensor]:
+    """tokens / position_ids [B, L] (padded with 0) and attention_mask [B, 1, L, L] (True = may NOT attend)."""
+    length = max(len(x) for x in layouts)
+    b = len(layouts)
+    tokens = torch.full((b, length), PAD_ID, dtype=torch.long)
+    positions = torch.zeros((b, length), dtype=torch.long)
+    allowed = torch.zeros((b, length, length), dtype=torch.bool)
+    for i, x in enumerate(layouts):
+        tokens[i, :len(x)] = torch.from_numpy(x.tokens)
+        positions[i, :len(x)] = torch.from_numpy(x.position_ids)
+        attention_mask_allowed(x, allowed[i])
+    return {"tokens": tokens, "position_ids": positions, "attention_mask": (~allowed).unsqueeze(1)}
+
+
+def left_truncate(ids: List[int], keep: int) -> List[int]:
+    return ids[len(ids) - keep:] if len(ids) > keep else ids
+
+
+class EvaluationDataset:
+    """The examples of one data file (`data`, what metrics see) and its model inputs (`len(self)` of them)."""
+
+    def __init__(self, path: str, config: BaseConfig, tokenizer, limit: Optional[int] = None):
+        self.path = path
+        self.config = config
+        self.tokenizer = tokenizer
+        self.limit = limit
+        self.mask_id = tokenizer.get_command("[MASK]")
+        self.gmask_id = tokenizer.get_command("[gMASK]")
+        self.sop_id = tokenizer.get_command("sop")
+        self.eop_id = tokenizer.get_command("eop")
+        self.task_mask_id = self.gmask_id if config.use_task_mask else self.mask_id
+        self.data: List[dict] = []
+        self.load()
+
+    def load(self) -> None:
+        for line, item in read_json_items(self.path, self.limit):
+            self.data.extend(self.process_single_item(item, f"{self.path}:{line}: "))
+
+    def process_single_item(self, item: dict, where: str) -> List[dict]:
+        raise NotImplementedError
+
+    def context_ids(self, item: dict, where: str) -> List[int]:
+        """The `inputs` ids (or `inputs_pretokenized` tokenized): one text."""
+        text = get_tokenized_input(item, "inputs", self.tokenizer, where)
+        if text and isinstance(text[0], list):
+            raise UserError(f"{where}field 'inputs' must be one text, not a list of texts")
+        return text
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def sample_length(self, index: int) -> int:
+        """Tokens of model input `index` (what batches are packed by)."""
+        raise NotImplementedError
+
+    def collate(self, indices: Sequence[int]) -> Dict[str, Any]:
+        raise NotImplementedError
+
+
+# ---- Multiple choice ----------------------------------------------------------------------------------------------
+
+class MultiChoiceTaskDataset(EvaluationDataset):
+    """`inputs(_pretokenized)`, `choices(_pretokenized)` (a list), `label` (index of the right choice)."""
+
+    config: MultiChoiceTaskConfig
+    required_fields: Tuple[str, ...] = ()  # extra fields a custom task needs on every line
+
+    def load(self) -> None:
+        super().load()
+        self.is_single_token = all(len(c) == 1 for item in self.data for c in item["choices"])
+        for item in self.data:
+            self._truncate(item)
+
+    def process_single_item(self, item, where):
+        text = self.context_ids(item, where)
+        choices = get_tokenized_input(item, "choices", self.tokenizer, where)
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, list) for c in choices):
+            raise UserError(f"{where}field 'choices' must be a non-empty list of answers")
+        for name in ("label",) + tuple(self.required_fields):
+            if name not in item:
+                raise UserError(f"{where}missing field '{name}'")
+        label = item["label"]
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+            raise UserError(f"{where}field 'label' must be a choice index in [0, {len(choices)}), got {label!r}")
+        if self.config.use_task_mask and self.gmask_id in text:
+            raise UserError(f"{where}the context contains [gMASK]: blank filling needs [MASK] and use_task_mask: false")
+        blank = self.mask_id in text and not self.config.use_task_mask
+        if blank and (self.config.use_multitask_encoding or self.config.unidirectional):
+            raise UserError(f"{where}the context contains [MASK] (blank filling), which "
+                            f"use_multitask_encoding and unidirectional do not support")
+        choices = [c if c else [self.eop_id] for c in choices]
+        extra = {k: v for k, v in item.items() if not k.startswith(("inputs", "choices"))}
+        return [{**extra, "text": text, "choices": choices, "label": label, "_where": where}]
+
+    def _truncate(self, item: dict) -> None:
+        max_len = self.config.max_seq_length
+        tgt = 1 if self.is_single_token else sum(len(c) for c in item["choices"])
+        if tgt + 2 >= max_len:
+            raise UserError(f"{item['_where']}the choices take {tgt} tokens, more than max_seq_length "
+                            f"{max_len} allows")
+        item["text"] = left_truncate(item["text"], max_len - tgt - 2)
+        del item["_where"]
+
+    def sample_length(self, index):
+        return len(self.build_sample(index)[0])
+
+    def build_sample(self, index: int) -> Tuple[Layout, List[np.ndarray], List[List[int]]]:
+        """The layout, and per choice the rows whose next-token log-probs are summed and the ids scored there."""
+        item = self.data[index]
+        return build_multiple_choice_sample(
+            item["text"], item["choices"], self.is_single_token, self.task_mask_id, self.sop_id,
+            use_task_mask=self.config.use_task_mask, unified_multitask_encoding=self.config.use_multitask_encoding,
+            unidirectional=self.config.unidirectional)
+
+    def collate(self, indices):
+        layouts, rows, ids = zip(*(self.build_sample(i) for i in indices))
+        batch = collate_layouts(layouts)
+        batch["choice_rows"] = list(rows)
+        batch["choice_ids"] = list(ids)
+        return batch
+
+
+def build_multiple_choice_sample(text: List[int], choices: List[List[int]], is_single_token: bool, mask_id: int,
+                                 sop_id: int, use_task_mask=False, unified_multitask_encoding=False,
+                                 unidirectional=False) -> Tuple[Layout, List[np.ndarray], List[List[int]]]:
+    """Context (+ mask), then one causal `[sop] + choice[:-1]` block per choice that sees the whole context.
+
+    Positions: the mask's position for every choice token with [MASK] (a count from it with multitask encoding),
+    a count from the end of the context (`division`) with [gMASK]. Unidirectional tasks (which the original's
+    multiple choice ignored; this follows its later code) use the causal prefix form `[gMASK, sop] + text[:-1]` and
+    start each choice block with the last text token.
+    With single-token choices only one block (`[sop]`) is built and every choice is read at its row.
+    """
+    blank_filling = mask_id in text
+    if blank_filling:
+        tokens = list(text)
+        positions = list(range(len(text)))
+        mask_position = text.index(mask_id)
+    elif unidirectional:
+        tokens = [mask_id, sop_id] + list(text[:-1])
+        positions = list(range(len(tokens)))
+        mask_position = len(tokens)
+    else:
+        mask_position = len(text)
+        tokens = list(text) + [mask_id]
+        positions = list(range(len(tokens)))
+    division = len(tokens)
+    first = text[-1] if unidirectional and not blank_filling else sop_id
+    segments, rows = [], []
+    for choice in choices[:1] if is_single_token else choices:
+        start = len(tokens)
+        if use_task_mask:
+            positions += list(range(division, division + len(choice)))
+        elif blank_filling or not unified_multitask_encoding:
+            positions += [mask_position] * len(choice)
+        else:
+            positions += list(range(mask_position, mask_position + len(choice)))
+        tokens += [first] + list(choice[:-1])
+        segments.append((start, len(tokens)))
+        rows.append(np.arange(start, start + len(choice)))
+    layout = Layout(np.asarray(tokens, dtype=np.int64), np.asarray(positions, dtype=np.int64), division,
+                    prefix_causal=unidirectional and not blank_filling, segments=segments)
+    if is_single_token:
+        return layout, [rows[0]] * len(choices), [list(c) for c in choices]
+    return layout, rows, [list(c) for c in choices]
+
+
+# ---- Generation ---------------------------------------------------------------------------------------------------
+
+class GenerationTaskDataset(EvaluationDataset):
+    """`inputs(_pretokenized)`, `targets(_pretokenized)`: a list of acceptable answers."""
+
+    config: GenerationTaskConfig
+
+    def process_single_item(self, item, where):
+        text = self.context_ids(item, where)
+        targets = self._targets(item, where)
+        if self.task_mask_id in text and (self.config.use_task_mask or self.config.unidirectional):
+            raise UserError(f"{where}the context contains [gMASK]: blank filling needs [MASK] and "
+                            f"use_task_mask: false")
+        keep = self.config.max_seq_length - self.config.max_gen_length - 2
+        extra = {k: v for k, v in item.items() if not k.startswith(("inputs", "targets"))}
+        return [{**extra, "text": left_truncate(text, keep), "targets": targets}]
+
+    def _targets(self, item, where) -> List[List[int]]:
+        if "targets" not in item and "targets_pretokenized" not in item:
+            return []
+        if isinstance(item.get("targets_pretokenized"), str) and "targets" not in item:
+            return [self.tokenizer.tokenize(item["targets_pretokenized"])]
+        targets = get_tokenized_input(item, "targets", self.tokenizer, where)
+        if targets and not isinstance(targets[0], list):
+            targets = [targets]
+        return targets
+
+    def sample_length(self, index):
+        return len(self.build_sample(index)["layout"])
+
+    def build_sample(self, index: int) -> Dict[str, Any]:
+        c = self.config
+        return build_generation_sample(self.data[index]["text"], c.max_gen_length, self.task_mask_id, self.sop_id,
+                                       use_task_mask=c.use_task_mask, unidirectional=c.unidirectional)
+
+    def collate(self, indices):
+        samples = [self.build_sample(i) for i in indices]
+        batch = collate_layouts([s["layout"] for s in samples])
+        batch["layouts"] = [s["layout"] for s in samples]
+        batch["context_length"] = torch.tensor([len(s["layout"]) for s in samples], dtype=torch.long)
+        batch["target_position_ids"] = torch.from_numpy(np.stack([s["target_position_ids"] for s in samples]))
+        return batch
+
+
+def build_generation_sample(text: List[int], max_gen_length: int, mask_id: int, sop_id: int, use_task_mask=False,
+                            unidirectional=False) -> Dict[str, Any]:
+    """`text + [mask, sop]` (or the causal prefix form `[mask, sop] + text`, or `text + [sop]` when the text holds
+    the [MASK] to fill). With [MASK] the sop and every generated token take the mask's position."""
+    blank_filling = mask_id in text
+    if blank_filling:
+        mask_position = text.index(mask_id)
+        tokens = list(text) + [sop_id]
+    else:
+        mask_position = len(text)
+        tokens = [mask_id, sop_id] + list(text) if unidirectional else list(text) + [mask_id, sop_id]
+    ctx = len(tokens)
+    positions = np.arange(ctx, dtype=np.int64)
+    targets = np.arange(ctx, ctx + max_gen_length, dtype=np.int64)
+    if not use_task_mask:
+        positions[ctx - 1:] = mask_position
+        targets[:] = mask_position
+    if unidirectional:
+        layout = Layout(np.asarray(tokens, dtype=np.int64), positions, ctx, prefix_causal=True)
+    else:
+        layout = Layout(np.asarray(tokens, dtype=np.int64), positions, ctx - 1, segments=[(ctx - 1, ctx)])
+    return {"layout": layout, "target_position_ids": targets}
+
+
+# ---- Language modelling -------------------------------------------------------------------------------------------
+
+class LanguageModelTaskDataset(EvaluationDataset):
+    """A plain text file is one document; it is scored in windows of max_seq_length - 1 tokens that advance by
+    generation_length, each later window with the preceding tokens as a bidirectional prompt."""
+
+    config: LanguageModelTaskConfig
+    limit_counts_windows = True  # --limit counts windows (False: documents, for multi-document files)
+
+    def load(self) -> None:
+        self.load_documents()
+        self.weights = list(accumulate(d["num_sequences"] for d in self.data))
+        self.left_weights = [0] + self.weights[:-1]
+        self.num_windows = self.weights[-1] if self.weights else 0
+        if self.limit is not None and self.limit_counts_windows:
+            self.num_windows = min(self.num_windows, self.limit)
+
+    def load_documents(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                raw_text = f.read()
+        except OSError as e:
+            raise UserError(f"cannot read data file {self.path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{self.path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        tokens = self.tokenizer.tokenize(raw_text)
+        self.data.append({"raw_text": tokens, "num_original_tokens": len(raw_text.strip().split(" ")),
+                          "num_sequences": self.num_sequences(len(tokens))})
+
+    def num_sequences(self, num_tokens: int) -> int:
+        """Windows of a document (none for an empty one)."""
+        c = self.config
+        if num_tokens == 0:
+            return 0
+        return max(math.ceil(max(num_tokens - (c.max_seq_length - 1), 0) / c.generation_length) + 1, 1)
+
+    def __len__(self):
+        return self.num_windows
+
+    def locate(self, index: int) -> Tuple[int, int]:
+        doc = bisect_right(self.weights, index)
+        return doc, index - self.left_weights[doc]
+
+    def build_sample(self, index: int) -> Dict[str, Any]:
+        c = self.config
+        doc, window = self.locate(index)
+        start = window * c.generation_length
+        tokens = list(self.data[doc]["raw_text"][start:start + c.max_seq_length - 1])
+        prompt_length = c.max_seq_length - 1 - c.generation_length
+        if window == 0:
+            prompt, text, scored = [], tokens, len(tokens)
+        elif c.unidirectional:
+            prompt, text, scored = [], tokens, len(tokens) - prompt_length
+        else:
+            prompt, text, scored = tokens[:prompt_length], tokens[prompt_length:], len(tokens) - prompt_length
+        input_ids = prompt + [self.task_mask_id, self.sop_id] + text[:-1]
+        targets = prompt + [self.task_mask_id] + text
+        p = len(prompt) + 1
+        layout = Layout(np.asarray(input_ids, dtype=np.int64), np.arange(len(input_ids), dtype=np.int64), p,
+                        segments=[(p, len(input_ids))])
+        loss_mask = np.zeros(len(input_ids), dtype=np.float32)
+        loss_mask[len(input_ids) - scored:] = 1
+        return {"layout": layout, "targets": np.asarray(targets, dtype=np.int64), "loss_mask": loss_mask}
+
+    def sample_length(self, index):
+        c = self.config
+        doc, window = self.locate(index)
+        start = window * c.generation_length
+        n = len(self.data[doc]["raw_text"][start:start + c.max_seq_length - 1])
+        return n + 1
+
+    def collate(self, indices):
+        samples = [self.build_sample(i) for i in indices]
+        batch = collate_layouts([s["layout"] for s in samples])
+        length = batch["tokens"].shape[1]
+        targets = torch.zeros((len(samples), length), dtype=torch.long)
+        loss_mask = torch.zeros((len(samples), length), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            targets[i, :len(s["targets"])] = torch.from_numpy(s["targets"])
+            loss_mask[i, :len(s["loss_mask"])] = torch.from_numpy(s["loss_mask"])
+        batch["targets"] = targets
+        batch["loss_mask"] = loss_mask
+        return batch
