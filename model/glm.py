@@ -22,18 +22,21 @@ class RotaryEmbedding:
     fp16 too. Exact: fp32 inv_freq, angles and tables (cast to the activation dtype at use).
     """
 
-    def __init__(self, head_dim: int, exact: bool):
+    def __init__(self, head_dim: int, exact: bool, max_length: int):
         inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.inv_freq = inv_freq if exact else inv_freq.half().float()
         self.exact = exact
+        self.max_length = max_length
         self._tables = {}
 
-    def _table(self, length: int, dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _table(self, dtype: torch.dtype, device, needed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions [0, max_length) (values do not depend on the table size, as in SAT)."""
         table_dtype = torch.float16 if (dtype == torch.float16 and not self.exact) else torch.float32
         key = (table_dtype, str(device))
         cached = self._tables.get(key)
-        if cached is None or cached[0].shape[0] < length:
-            t = torch.arange(length, dtype=torch.float32)
+        if cached is None or cached[0].shape[0] < needed:
+            self.max_length = max(self.max_length, needed)
+            t = torch.arange(self.max_length, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq).to(table_dtype)  # fp16 legacy: rounded like fp16 t * fp16 inv_freq
             emb = torch.cat([freqs, freqs], dim=-1)
             cached = (emb.float().cos().to(table_dtype).to(device), emb.float().sin().to(table_dtype).to(device))
@@ -42,7 +45,9 @@ class RotaryEmbedding:
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for each token, [b, 1, s, d], in the activation dtype."""
-        cos, sin = self._table(int(position_ids.max()) + 1, dtype, position_ids.device)
+        # On CPU, positions past --max-sequence-length grow the table; on GPU that check would sync every step.
+        needed = int(position_ids.max()) + 1 if position_ids.device.type == "cpu" else 0
+        cos, sin = self._table(dtype, position_ids.device, needed)
         return F.embedding(position_ids, cos).unsqueeze(1).to(dtype), F.embedding(position_ids, sin).unsqueeze(1).to(dtype)
 
 
@@ -198,7 +203,7 @@ class GLM130B(nn.Module):
         self.transformer = Transformer(config, dtype, device)
         for p in self.parameters():
             p.requires_grad_(False)
-        self.rotary = RotaryEmbedding(config.head_dim, config.exact_rope)
+        self.rotary = RotaryEmbedding(config.head_dim, config.exact_rope, config.max_sequence_length)
         self.attention = attention  # "plain" (SAT's exact op order), "sdpa", or "auto" (sdpa unless fp32/fp16)
 
     @property
