@@ -139,16 +139,13 @@ def build_model(args) -> GLM130B:
     """The model with this rank's shard loaded (and quantized when asked)."""
     config = GLMConfig.from_args(args)
     model = GLM130B(config, dtype=args.params_dtype, device="meta", attention=args.attention)
-    bits = args.quantization_bit_width
-    if bits and args.from_quantized_checkpoint:
+    if args.quantization_bit_width:  # set up the int8 storage first; the loader fills (or quantizes) it
         from quantization import quantize
-        quantize(model, bits)
+        quantize(model, args.quantization_bit_width)
     if args.load is None:
         raise UserError("no checkpoint given: pass --load <folder> (or source a configs/*.sh that sets it)")
-    load_checkpoint(model, args.load, mpu.get_model_parallel_rank(), args.model_parallel_size, args.device)
-    if bits and not args.from_quantized_checkpoint:
-        from quantization import quantize
-        quantize(model, bits)
+    load_checkpoint(model, args.load, mpu.get_model_parallel_rank(), args.model_parallel_size, args.device,
+                    args.quantization_bit_width, args.from_quantized_checkpoint)
     return model.eval()
 
 

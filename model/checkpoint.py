@@ -91,11 +91,14 @@ def check_state_dict(expected: Dict[str, torch.Tensor], found: Dict[str, torch.T
         warn_once(f"ignoring {len(unexpected)} unexpected key(s) in {path} (e.g. {unexpected[0]})")
 
 
-def load_checkpoint(model: torch.nn.Module, load_dir: str, mp_rank: int, mp_size: int, device="cpu") -> str:
+def load_checkpoint(model: torch.nn.Module, load_dir: str, mp_rank: int, mp_size: int, device="cpu",
+                    quantization_bit_width=None, from_quantized_checkpoint=False) -> str:
     """Load this rank's shard into `model` (which may live on the meta device). Returns the shard path.
 
     Tensors are memory-mapped and assigned without a copy when dtype and device already match, so peak host RAM
-    stays near one shard.
+    stays near one shard. With a bit width the model must already be quantized (quantization.quantize on the meta
+    model); a 16-bit shard is then quantized from the checkpoint's own fp16 values before any dtype cast, so
+    quantize-on-load equals loading a checkpoint converted by tools/convert_tp.py, bit for bit, in every dtype.
     """
     shards = list_shards(load_dir)
     if len(shards) != mp_size:
@@ -105,6 +108,10 @@ def load_checkpoint(model: torch.nn.Module, load_dir: str, mp_rank: int, mp_size
                         f"--target-tp {mp_size}")
     path = shards[mp_rank]
     found = load_shard_state_dict(path)
+    if quantization_bit_width or from_quantized_checkpoint or any(k.endswith(".weight_scale") for k in found):
+        from quantization import check_quantization_matches, quantize_state_dict
+        if check_quantization_matches(found, quantization_bit_width, from_quantized_checkpoint, path) is None:
+            found = quantize_state_dict(found, quantization_bit_width)
     expected = model.state_dict()
     check_state_dict(expected, found, path)
     loaded = {}

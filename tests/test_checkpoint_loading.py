@@ -173,3 +173,19 @@ def test_peak_rss_while_loading_stays_near_one_copy(tmp_path, test_tokenizer_pat
     print(f"checkpoint {size / 1e6:.0f} MB, params {params / 1e6:.0f} MB, baseline {baseline / 1e6:.0f} MB, "
           f"peak {peak / 1e6:.0f} MB -> {(peak - baseline) / params:.2f}x params above baseline")
     assert peak < baseline + 1.3 * params
+
+
+def test_quantized_checkpoint_flags_end_to_end(tmp_path, test_tokenizer_path):
+    out = tmp_path / "int8"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "convert_tp.py"), "--input-folder", str(FIXTURE_DIR / "ckpt"),
+                    "--output-folder", str(out), "--target-tp", "1", "--quantization-bit-width", "8"],
+                   check=True, capture_output=True, cwd=ROOT)
+    args = _replace_args(fixture_model_args(), "--load", out)
+    assert_one_line_error(run_init(args, test_tokenizer_path), "INT8-quantized checkpoint",
+                          "--quantization-bit-width 8 --from-quantized-checkpoint")
+    assert_one_line_error(run_init(args + ["--quantization-bit-width", "4", "--from-quantized-checkpoint"],
+                                   test_tokenizer_path), "holds INT8 weights", "pass --quantization-bit-width 8")
+    ok = run_init(args + ["--quantization-bit-width", "8", "--from-quantized-checkpoint"], test_tokenizer_path)
+    assert ok.returncode == 0 and "> Model initialized" in ok.stdout, ok.stderr[-2000:]
+    fp16 = fixture_model_args() + ["--quantization-bit-width", "8", "--from-quantized-checkpoint"]
+    assert_one_line_error(run_init(fp16, test_tokenizer_path), "holds 16-bit weights", "drop that flag")

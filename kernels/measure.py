@@ -1,0 +1,85 @@
+"""Time the weight-only matmul paths at decode (M=1) and prefill (M=512) shapes and print a table (milliseconds).
+
+    python kernels/measure.py [--rows 1 512] [--shapes 1536x1536 4608x1536 ...] [--seconds 0.3]
+
+Columns (all bf16 activations, N x K weight):
+  dense      F.linear with a bf16 weight (no quantization; the speed to beat)
+  deq8+mm    INT8 -> bf16 at every call, GEMM, output times the row scales
+  int8 lib   torch.ops.aten._weight_int8pack_mm on the stored int8 matrix
+  deq4+mm    unpack INT4 (CPU kernel layout) -> bf16 at every call, GEMM, output times the row scales
+  int4 lib   torch.ops.aten._weight_int4pack_mm_for_cpu on the repacked weight
+  ours8/4    kernels.weight_only_linear (what the quantized layers run: library kernel up to
+             CPU_KERNEL_MAX_ROWS rows, dequantize + GEMM above)
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+from quantization.functional import quantize_weight  # noqa: E402
+
+
+def time_ms(fn, seconds: float) -> float:
+    """Fastest call over repeats filling about `seconds` (the least disturbed by other load on a shared machine)."""
+    fn()
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 3:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times) * 1e3
+
+
+def measure(n: int, k: int, m: int, seconds: float) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(n, k, generator=gen) * k ** -0.5).half()
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    q8, s8 = quantize_weight(w, 8)
+    q4, s4 = quantize_weight(w, 4)
+    p4 = kernels.to_cpu_int4(q4)
+    dense = kernels.dequantized_t(q8, s8, 8, "original", torch.bfloat16).t().contiguous()
+    sz = kernels.int4_scales_and_zeros(s4, k, torch.bfloat16)
+    s8b, s4b = s8.bfloat16(), s4.bfloat16()
+    g = kernels.int4_group_size(k)
+    paths = {
+        "dense": lambda: F.linear(x, dense),
+        "deq8+mm": lambda: torch.mm(x, kernels.dequantized_t(q8, s8, 8, "original", torch.bfloat16, False)) * s8b,
+        "int8 lib": lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8b),
+        "deq4+mm": lambda: torch.mm(x, kernels.dequantized_t(p4, s4, 4, "cpu_int4", torch.bfloat16, False)) * s4b,
+        "int4 lib": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p4, g, sz),
+        "ours8": lambda: kernels.weight_only_linear(x, q8, s8, 8),
+        "ours4": lambda: kernels.weight_only_linear(x, p4, s4, 4, "cpu_int4", sz),
+    }
+    return {name: time_ms(fn, seconds) for name, fn in paths.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 512])
+    p.add_argument("--shapes", nargs="+", default=["1536x1536", "4608x1536", "8192x1536", "1536x4096", "6144x6144"],
+                   help="NxK weight shapes (output x input features)")
+    p.add_argument("--seconds", type=float, default=0.3, help="time budget per cell")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, times in ms (best of repeats)")
+    header = None
+    for m in a.rows:
+        for shape in a.shapes:
+            n, k = map(int, shape.split("x"))
+            row = measure(n, k, m, a.seconds)
+            if header is None:
+                header = f"{'M':>5} {'N x K':>11} " + " ".join(f"{c:>9}" for c in row)
+                print(header)
+            print(f"{m:>5} {shape:>11} " + " ".join(f"{v:9.3f}" for v in row.values()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
