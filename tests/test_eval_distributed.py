@@ -2,6 +2,7 @@
 
 - torchrun, 2 processes, data parallel: bit-identical records (the same micro-batches are computed, only by
   different ranks);
+- torchrun, 2 processes, tensor parallel (ckpt_tp2): the same predictions and report, numbers within tolerance;
 - scripts/evaluate_multiple_node.sh: the DeepSpeed launcher with a two-host hostfile, one launcher per "node"
   (--no_ssh --node_rank 0/1 on 127.0.0.1), the model split 2-way across the two nodes (TP=2): the same
   predictions and report, log-probs and losses within float tolerance.
@@ -58,6 +59,17 @@ def test_two_process_data_parallel_equals_single_process(single_run, tmp_path, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     for task in PREDICTIONS:
         assert _records(out, task) == _records(tmp / "out", task), task
+    assert _stdout_lines(proc.stdout) == _stdout_lines(stdout)
+
+
+def test_tensor_parallel_two_processes_equals_single_process(single_run, tmp_path, test_tokenizer_path):
+    tmp, tasks, stdout = single_run
+    out = tmp_path / "out"
+    proc = torchrun(ROOT / "evaluate.py", ["--data-path", EVAL_DATA, "--output-path", out, "--task", *tasks,
+                                           *model_argv(test_tokenizer_path, 2)], nprocs=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for task in PREDICTIONS:
+        assert _close(_records(out, task), _records(tmp / "out", task), 1e-4), task
     assert _stdout_lines(proc.stdout) == _stdout_lines(stdout)
 
 
