@@ -15,7 +15,6 @@ import functools
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 # (activation dtype, bits) -> most rows for which the library kernel beats dequantize + GEMM (kernels/measure.py)
 CPU_KERNEL_MAX_ROWS = {(torch.bfloat16, 8): 12, (torch.bfloat16, 4): 64}

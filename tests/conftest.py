@@ -14,6 +14,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long runs (benchmarks); CI skips them with -m 'not slow'")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tests run tiny models: one intra-op thread is as fast, and does not oversubscribe a shared machine's cores."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     return FIXTURE_DIR

@@ -8,21 +8,11 @@ import subprocess
 import time
 
 import pytest
-import torch
 
 import generate
 from initialize import parse_args
 from model.errors import UserError
 from tests.helpers import ROOT
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the test machine's cores are shared, and oversubscribed threads are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 PROMPT = "Please Input Query (stop to exit) >>> "
 MASK_STYLE, GMASK_STYLE = "\x1b[0;32m\x1b[4m", "\x1b[4m"

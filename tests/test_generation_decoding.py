@@ -7,15 +7,6 @@ from generation import (BaseStrategy, BeamSearchStrategy, batch_filling_sequence
 from tests.helpers import fixture_cases, load_fixture_model, logits_error, reference
 from tests.test_generation_layout import MASK, WordTokenizer
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the test machine's cores are shared, and oversubscribed threads are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TEXT_ONLY = [slice(0, 20000), slice(150000, None)]  # the fixture's greedy restriction: text ids [20000, 150000)
 END = [150005, 20002]
 

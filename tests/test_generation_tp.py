@@ -9,21 +9,11 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from generation import (BaseStrategy, BeamSearchStrategy, batch_filling_sequence, fill_blanks_batch,  # noqa: E402
                         generation_invalid_slices, generation_layout)
 from tests.helpers import fixture_cases, load_fixture_model, logits_error, reference, torchrun  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the test machine's cores are shared, and oversubscribed threads are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 END = [150005, 20002]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import (CASES, FIXTURE_DIR, ROOT, case_inputs, fixture_cases, load_fixture_model, logits_error,
+from tests.helpers import (CASES, ROOT, case_inputs, fixture_cases, load_fixture_model, logits_error,
                            reference, torchrun)
 
 RUNS = [  # (fixture run, dtype, exact RoPE, attention kernel, tolerance)
