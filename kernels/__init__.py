@@ -2,7 +2,10 @@
 
 Stored format (checkpoints, state_dict) is always the original's: int8 [N, K] or packed int4 [N, K/2] (even column
 in the high nibble) plus an fp16 scale per row. At run time:
-- CPU, bf16 activations, at most CPU_KERNEL_MAX_ROWS rows (decode): PyTorch's weight-packed kernels.
+- CPU with AVX-512 BF16, bf16 activations, at most cpu_gemv.MAX_GEMV_ROWS rows (decode): this project's GEMV kernels
+  (kernels/cpu_gemv.py), which read the stored layout as it is. They are faster here than PyTorch's
+  weight-packed kernels below (kernels/measure.py prints both), which stay the path on CPUs without AVX-512 BF16.
+- Other CPUs, bf16 activations, at most CPU_KERNEL_MAX_ROWS rows: PyTorch's weight-packed kernels.
   INT8 uses the stored int8 matrix as is (`_weight_int8pack_mm`). INT4 uses `_weight_int4pack_mm_for_cpu`, whose
   weight layout differs: `to_cpu_int4` repacks once at load into it (the only resident copy; `from_cpu_int4` gives
   the original bytes back for state_dict) and `int4_scales_and_zeros` gives its group-wise (scale, zero) table.
@@ -15,6 +18,8 @@ import functools
 from typing import Optional
 
 import torch
+
+from kernels import cpu_gemv
 
 # (activation dtype, bits) -> most rows for which the library kernel beats dequantize + GEMM (kernels/measure.py)
 CPU_KERNEL_MAX_ROWS = {(torch.bfloat16, 8): 12, (torch.bfloat16, 4): 64}
@@ -105,6 +110,7 @@ def dequantized_t(weight: torch.Tensor, scale: torch.Tensor, bits: int, layout: 
 
 
 def uses_cpu_kernel(x: torch.Tensor, bits: int) -> bool:
+    """Whether PyTorch's weight-packed CPU kernel takes x (checked after this project's GEMV kernels)."""
     rows = x.numel() // max(1, x.shape[-1])
     return x.device.type == "cpu" and rows <= CPU_KERNEL_MAX_ROWS.get((x.dtype, bits), 0)
 
@@ -112,6 +118,8 @@ def uses_cpu_kernel(x: torch.Tensor, bits: int) -> bool:
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int,
                        layout: str = "original", scales_and_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [..., K] @ (q · scale)ᵀ -> [..., N] in x's dtype (no bias)."""
+    if layout == "original" and cpu_gemv.applies(x):
+        return (cpu_gemv.gemv_int8 if bits == 8 else cpu_gemv.gemv_int4)(x, weight, scale)
     x2 = x.reshape(-1, x.shape[-1])
     if uses_cpu_kernel(x, bits) and bits == 8:
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), weight, scale.to(x.dtype))

@@ -3,13 +3,16 @@
     python kernels/measure.py [--rows 1 512] [--shapes 1536x1536 4608x1536 ...] [--seconds 0.3]
 
 Columns (all bf16 activations, N x K weight):
-  dense      F.linear with a bf16 weight (no quantization; the speed to beat)
+  dense      F.linear with a bf16 weight (no quantization; PyTorch's own path)
+  gemv16     this project's bf16 GEMV kernel (kernels/cpu_gemv.py; at most 16 rows, needs AVX-512 BF16)
   deq8+mm    INT8 -> bf16 at every call, GEMM, output times the row scales
   int8 lib   torch.ops.aten._weight_int8pack_mm on the stored int8 matrix
+  gemv8      this project's INT8 GEMV kernel on the stored int8 matrix
   deq4+mm    unpack INT4 (CPU kernel layout) -> bf16 at every call, GEMM, output times the row scales
   int4 lib   torch.ops.aten._weight_int4pack_mm_for_cpu on the repacked weight
-  ours8/4    kernels.weight_only_linear (what the quantized layers run: library kernel up to
-             CPU_KERNEL_MAX_ROWS rows, dequantize + GEMM above)
+  gemv4      this project's INT4 GEMV kernel on the stored (original) packed layout
+The quantized layers run gemv8/gemv4 up to 16 rows where available, else the library kernel up to
+CPU_KERNEL_MAX_ROWS rows, and dequantize + GEMM above. Cells a path cannot run show "-".
 """
 import argparse
 import os
@@ -47,16 +50,19 @@ def measure(n: int, k: int, m: int, seconds: float) -> dict:
     sz = kernels.int4_scales_and_zeros(s4, k, torch.bfloat16)
     s8b, s4b = s8.bfloat16(), s4.bfloat16()
     g = kernels.int4_group_size(k)
+    gemv = kernels.cpu_gemv
+    fast = gemv.applies(x)
     paths = {
         "dense": lambda: F.linear(x, dense),
+        "gemv16": (lambda: gemv.gemv_bf16(x, dense)) if fast else None,
         "deq8+mm": lambda: torch.mm(x, kernels.dequantized_t(q8, s8, 8, "original", torch.bfloat16, False)) * s8b,
         "int8 lib": lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8b),
+        "gemv8": (lambda: gemv.gemv_int8(x, q8, s8)) if fast else None,
         "deq4+mm": lambda: torch.mm(x, kernels.dequantized_t(p4, s4, 4, "cpu_int4", torch.bfloat16, False)) * s4b,
         "int4 lib": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p4, g, sz),
-        "ours8": lambda: kernels.weight_only_linear(x, q8, s8, 8),
-        "ours4": lambda: kernels.weight_only_linear(x, p4, s4, 4, "cpu_int4", sz),
+        "gemv4": (lambda: gemv.gemv_int4(x, q4, s4)) if fast else None,
     }
-    return {name: time_ms(fn, seconds) for name, fn in paths.items()}
+    return {name: (time_ms(fn, seconds) if fn else None) for name, fn in paths.items()}
 
 
 def main():
@@ -78,7 +84,8 @@ def main():
             if header is None:
                 header = f"{'M':>5} {'N x K':>11} " + " ".join(f"{c:>9}" for c in row)
                 print(header)
-            print(f"{m:>5} {shape:>11} " + " ".join(f"{v:9.3f}" for v in row.values()), flush=True)
+            print(f"{m:>5} {shape:>11} " + " ".join("        -" if v is None else f"{v:9.3f}" for v in row.values()),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import cpu_gemv
 from model import mpu
 from model.config import GLMConfig
 from model.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
@@ -100,13 +101,19 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k[0].shape[0]
 
+    def reserve(self, n: int) -> int:
+        """The next n positions, to be written now (by update() or in place by a kernel); advance() then keeps them.
+        Returns the first."""
+        if self.length + n > self.max_length:
+            raise ValueError(f"KV cache full: {self.length + n} tokens exceed its {self.max_length}")
+        self._pending = n
+        return self.length
+
     def update(self, layer_id, k, v):
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KV cache full: {end} tokens exceed its {self.max_length}")
+        start = self.reserve(k.shape[2])
+        end = start + k.shape[2]
         self.k[layer_id][:, :, start:end] = k
         self.v[layer_id][:, :, start:end] = v
-        self._pending = k.shape[2]
         return self.k[layer_id][:, :, :end], self.v[layer_id][:, :, :end]
 
     def advance(self) -> None:
@@ -233,7 +240,7 @@ class GLM130B(nn.Module):
             index = index[:, None] if index.dim() == 1 else index
             h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
         h = self.transformer.final_layernorm(h)
-        logits = F.linear(h, self.transformer.word_embeddings.weight)
+        logits = cpu_gemv.linear(h, self.transformer.word_embeddings.weight)  # F.linear; a GEMV kernel for few rows
         if not parallel_output:
             logits = mpu.gather_from_model_parallel_region(logits)
         return logits, new_kv
@@ -263,7 +270,10 @@ class GLM130B(nn.Module):
         attention_mask: bool [b|1, 1, s_new, cache.length + s_new]. logits_index [b]: return only the logits of
         that row per batch element ([b, 1, V]); None returns all rows.
         """
-        logits, _ = self._run(tokens, position_ids, attention_mask, cache, logits_index, parallel_output)
+        if cpu_gemv.fast_decode_applies(self, tokens, attention_mask, cache):  # bf16 CPU decoding: fused kernels
+            logits = cpu_gemv.decode_step(self, tokens, position_ids, attention_mask, cache)
+        else:
+            logits, _ = self._run(tokens, position_ids, attention_mask, cache, logits_index, parallel_output)
         cache.advance()
         return logits
 

@@ -16,8 +16,8 @@ class QuantizedLinearMixin:
     """Replaces a parallel linear's `weight` by int8 storage plus an fp16 `weight_scale` (one per local row).
 
     state_dict() is always the original's format (`<name>.weight` int8 [N, K] or packed [N, K/2],
-    `<name>.weight_scale` fp16 [N]). On CPU an INT4 weight is held in the CPU kernel's layout instead (one resident
-    copy; converted back for state_dict).
+    `<name>.weight_scale` fp16 [N]). On a CPU without this project's kernels an INT4 weight is held in PyTorch's
+    int4 kernel layout instead (one resident copy; converted back for state_dict).
     """
 
     def _init_quantized(self, linear: nn.Module, bits: int) -> None:
@@ -38,11 +38,12 @@ class QuantizedLinearMixin:
         self.after_load()
 
     def after_load(self) -> None:
-        """Repack for the CPU INT4 kernel once real weights are in place (the loader calls this; idempotent)."""
+        """Repack for PyTorch's CPU INT4 kernel once real weights are in place, where this project's kernels are not
+        available (the loader calls this; idempotent)."""
         w = self.weight
         if (self.bits != 4 or self.layout != "original" or w.is_meta or w.device.type != "cpu"
-                or not kernels.cpu_int4_supported(w.shape[0], 2 * w.shape[1])):
-            return
+                or not kernels.cpu_int4_supported(w.shape[0], 2 * w.shape[1]) or kernels.cpu_gemv.available()):
+            return  # (this project's CPU kernels read the original layout)
         self.weight = nn.Parameter(kernels.to_cpu_int4(w.data), requires_grad=False)
         self.layout = CPU_INT4
         dtype = self.bias.dtype if self.bias is not None else torch.bfloat16

@@ -22,7 +22,8 @@ def reference(x, q, scale, bits):
 
 
 def stored(q, bits):
-    """The weight as the quantized layers keep it on CPU (INT4 repacked when the shape allows)."""
+    """The weight as the quantized layers keep it on a CPU without this project's GEMV kernels (INT4 repacked for
+    PyTorch's int4 kernel when the shape allows)."""
     if bits == 4 and kernels.cpu_int4_supported(q.shape[0], 2 * q.shape[1]):
         return kernels.to_cpu_int4(q), "cpu_int4"
     return q, "original"
@@ -39,9 +40,16 @@ def test_cpu_int4_layout_matches_library_packing(n, k):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("rows", [1, 5, 100])  # decode, small batch, prefill
-def test_bf16_matches_reference(bits, n, k, rows):
+@pytest.mark.parametrize("path", ["library", "gemv"])  # PyTorch's packed kernels / this project's GEMV kernels
+def test_bf16_matches_reference(bits, n, k, rows, path, monkeypatch):
     q, scale = weights(n, k, bits)
-    w, layout = stored(q, bits)
+    if path == "library":
+        monkeypatch.setattr(kernels.cpu_gemv, "applies", lambda x: False)
+        w, layout = stored(q, bits)
+    elif not kernels.cpu_gemv.available():
+        pytest.skip("this CPU lacks AVX-512 BF16: no GEMV kernels")
+    else:
+        w, layout = q, "original"
     x = torch.randn(rows, k, dtype=torch.bfloat16)
     y = kernels.weight_only_linear(x, w, scale, bits, layout)
     ref = reference(x, q, scale, bits)
