@@ -27,7 +27,9 @@ def main():
     model, tokenizer = initialize_model_and_tokenizer(args)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     touched = sum(float(p.float().sum()) if p.numel() < 1 << 20 else float(p.sum()) for p in model.parameters())
-    print(f"baseline_kib={baseline} peak_kib={rss_kib('VmHWM')} param_bytes={param_bytes} checksum={touched:.3f}")
+    line = f"baseline_kib={baseline} peak_kib={rss_kib('VmHWM')} param_bytes={param_bytes} checksum={touched:.3f}\n"
+    sys.stdout.write(line)  # one write: ranks share the pipe, and print() writes the newline separately when unbuffered
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
