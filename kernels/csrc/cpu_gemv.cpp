@@ -171,16 +171,11 @@ void parallel_chunks(int64_t n, int64_t chunk, const Fn& fn) {
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Matrix x vector. Each thread walks its weight rows in memory order (one sequential stream, which the hardware
-// prefetcher follows best) and applies every loaded weight chunk to all M activation rows held in L1.
+// Matrix x vector. Threads take chunks of weight rows; each chunk is read as kStreams sequential streams (rows from
+// kStreams separate parts of it, in memory order within each), and every loaded weight chunk is applied to all M
+// activation rows held in L1.
 
 enum class Format { BF16, INT8, INT4 };
-
-struct Activations {
-  const bf16* x[16];   // BF16/INT8: row m of x, K values
-  const bf16* xe[16];  // INT4: even columns of row m, K/2 values
-  const bf16* xo[16];  // INT4: odd columns of row m
-};
 
 // Software prefetch into L2 this far ahead on each weight stream (helps the hardware prefetcher keep several
 // streams going; measured on AMD Zen 4).
