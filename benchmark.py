@@ -114,9 +114,9 @@ def read_bandwidth(device, nbytes: int, repeats: int) -> Dict[str, float]:
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     out = {"torch_sum": nbytes / best_time(lambda: x.sum(), device, repeats)}
     if device.type == "cpu":
-        from kernels import cpu_gemv
-        if cpu_gemv.available():
-            out["stream_probe"] = nbytes / best_time(lambda: cpu_gemv.read_bandwidth_probe(x), device, repeats)
+        from kernels import cpu
+        if cpu.available():
+            out["stream_probe"] = nbytes / best_time(lambda: cpu.read_bandwidth_probe(x), device, repeats)
     del x
     return out
 
@@ -195,8 +195,8 @@ class AdjacentProbe:
 
     def __call__(self) -> float:
         if self.device.type == "cpu":
-            from kernels import cpu_gemv
-            fn = lambda: cpu_gemv.read_bandwidth_probe(self.x)  # noqa: E731 (its own threads: no OpenMP left spinning)
+            from kernels import cpu
+            fn = lambda: cpu.read_bandwidth_probe(self.x)  # noqa: E731 (its own threads: no OpenMP left spinning)
         else:
             fn = lambda: self.x.sum()  # noqa: E731
         bw = self.x.numel() * 4 / best_time(fn, self.device, 2)
@@ -317,8 +317,8 @@ def main(argv=None):
         "machine.cpu_count": os.cpu_count(), "machine.torch": torch.__version__,
     }
     if device.type == "cpu":
-        from kernels import cpu_gemv
-        results["machine.fast_cpu_kernels"] = cpu_gemv.available()
+        from kernels import cpu
+        results["machine.fast_cpu_kernels"] = cpu.available()
 
     # Machine limits, measured in this process (again after the runs; the best of all probes is used).
     bw_bytes, bw_repeats = ((256 << 20), 3) if quick else ((1 << 30), 5)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_gemv
-from model import mpu
+from kernels import cpu
+from model import fast_decode, mpu
 from model.config import GLMConfig
 from model.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
@@ -217,7 +217,7 @@ class GLM130B(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.final_layernorm.weight.dtype
 
-    def _use_sdpa(self) -> bool:
+    def uses_sdpa(self) -> bool:
         if self.attention == "auto":
             return self.dtype == torch.bfloat16
         return self.attention == "sdpa"
@@ -226,7 +226,7 @@ class GLM130B(nn.Module):
              keep_kv=True):
         h = self.transformer.word_embeddings(tokens)
         cos, sin = self.rotary.cos_sin(position_ids, h.dtype)
-        use_sdpa = self._use_sdpa()
+        use_sdpa = self.uses_sdpa()
         mask = attention_mask.bool()
         if use_sdpa:  # additive mask with a finite floor: fully masked (padding) rows stay uniform, as in SAT
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(mask, torch.finfo(h.dtype).min)
@@ -240,7 +240,7 @@ class GLM130B(nn.Module):
             index = index[:, None] if index.dim() == 1 else index
             h = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))
         h = self.transformer.final_layernorm(h)
-        logits = cpu_gemv.linear(h, self.transformer.word_embeddings.weight)  # F.linear; a GEMV kernel for few rows
+        logits = cpu.linear(h, self.transformer.word_embeddings.weight)  # F.linear; a GEMV kernel for few rows
         if not parallel_output:
             logits = mpu.gather_from_model_parallel_region(logits)
         return logits, new_kv
@@ -270,8 +270,8 @@ class GLM130B(nn.Module):
         attention_mask: bool [b|1, 1, s_new, cache.length + s_new]. logits_index [b]: return only the logits of
         that row per batch element ([b, 1, V]); None returns all rows.
         """
-        if cpu_gemv.fast_decode_applies(self, tokens, attention_mask, cache):  # bf16 CPU decoding: fused kernels
-            logits = cpu_gemv.decode_step(self, tokens, position_ids, attention_mask, cache)
+        if fast_decode.applies(self, tokens, attention_mask, cache):  # bf16 CPU decoding: fused kernels
+            logits = fast_decode.decode_step(self, tokens, position_ids, attention_mask, cache)
         else:
             logits, _ = self._run(tokens, position_ids, attention_mask, cache, logits_index, parallel_output)
         cache.advance()

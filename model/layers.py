@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import cpu_gemv
+from kernels import cpu
 from model import mpu
 
 
@@ -46,7 +46,7 @@ class ColumnParallelLinear(nn.Module):
                                  requires_grad=False) if bias else None
 
     def local_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_gemv.linear(x, self.weight)  # F.linear; a GEMV kernel for few bf16 rows on CPU
+        return cpu.linear(x, self.weight)  # F.linear; a GEMV kernel for few bf16 rows on CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.local_matmul(x)
@@ -66,7 +66,7 @@ class RowParallelLinear(nn.Module):
                                  requires_grad=False) if bias else None
 
     def local_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_gemv.linear(x, self.weight)  # F.linear; a GEMV kernel for few bf16 rows on CPU
+        return cpu.linear(x, self.weight)  # F.linear; a GEMV kernel for few bf16 rows on CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = mpu.reduce_from_model_parallel_region(self.local_matmul(x))

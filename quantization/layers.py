@@ -2,14 +2,13 @@
 import torch
 from torch import nn
 
-import kernels
 from model import mpu
 from model.errors import UserError
 from model.layers import ColumnParallelLinear, RowParallelLinear
 from model.sharding import QUANTIZED_LINEARS
+from quantization import matmul
 from quantization.functional import quantize_weight
-
-CPU_INT4 = "cpu_int4"
+from quantization.matmul import CPU_INT4, ORIGINAL
 
 
 class QuantizedLinearMixin:
@@ -23,7 +22,7 @@ class QuantizedLinearMixin:
     def _init_quantized(self, linear: nn.Module, bits: int) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bits, self.layout = bits, "original"
+        self.bits, self.layout = bits, ORIGINAL
         w = linear.weight
         if w.is_meta:  # before loading a quantized checkpoint: shapes only
             cols = w.shape[1] if bits == 8 else w.shape[1] // 2
@@ -38,21 +37,20 @@ class QuantizedLinearMixin:
         self.after_load()
 
     def after_load(self) -> None:
-        """Repack for PyTorch's CPU INT4 kernel once real weights are in place, where this project's kernels are not
-        available (the loader calls this; idempotent)."""
+        """Move to the layout quantization.matmul.resident_layout picks once real weights are in place (the loader
+        calls this; idempotent)."""
         w = self.weight
-        if (self.bits != 4 or self.layout != "original" or w.is_meta or w.device.type != "cpu"
-                or not kernels.cpu_int4_supported(w.shape[0], 2 * w.shape[1]) or kernels.cpu_gemv.available()):
-            return  # (this project's CPU kernels read the original layout)
-        self.weight = nn.Parameter(kernels.to_cpu_int4(w.data), requires_grad=False)
+        if self.layout != ORIGINAL or w.is_meta or matmul.resident_layout(w, self.bits) == ORIGINAL:
+            return
+        self.weight = nn.Parameter(matmul.to_cpu_int4(w.data), requires_grad=False)
         self.layout = CPU_INT4
         dtype = self.bias.dtype if self.bias is not None else torch.bfloat16
-        if (dtype, 4) in kernels.CPU_KERNEL_MAX_ROWS:
-            self.int4_scales_and_zeros = kernels.int4_scales_and_zeros(self.weight_scale, 2 * w.shape[1], dtype)
+        if (dtype, 4) in matmul.CPU_KERNEL_MAX_ROWS:
+            self.int4_scales_and_zeros = matmul.int4_scales_and_zeros(self.weight_scale, 2 * w.shape[1], dtype)
 
     def original_weight(self) -> torch.Tensor:
         """The weight storage in the original format."""
-        return kernels.from_cpu_int4(self.weight) if self.layout == CPU_INT4 else self.weight
+        return matmul.from_cpu_int4(self.weight) if self.layout == CPU_INT4 else self.weight
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -62,15 +60,15 @@ class QuantizedLinearMixin:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.layout == CPU_INT4:  # back to the stored format, so that loading sees matching shapes and dtypes
             self.weight = nn.Parameter(self.original_weight(), requires_grad=False)
-            self.layout, self.int4_scales_and_zeros = "original", None
+            self.layout, self.int4_scales_and_zeros = ORIGINAL, None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.after_load()
 
     def local_matmul(self, x: torch.Tensor) -> torch.Tensor:
         sz = self.int4_scales_and_zeros
-        if self.layout == CPU_INT4 and kernels.uses_cpu_kernel(x, 4) and (sz is None or sz.dtype != x.dtype):
-            sz = self.int4_scales_and_zeros = kernels.int4_scales_and_zeros(self.weight_scale, x.shape[-1], x.dtype)
-        return kernels.weight_only_linear(x, self.weight, self.weight_scale, self.bits, self.layout, sz)
+        if self.layout == CPU_INT4 and matmul.uses_cpu_kernel(x, 4) and (sz is None or sz.dtype != x.dtype):
+            sz = self.int4_scales_and_zeros = matmul.int4_scales_and_zeros(self.weight_scale, x.shape[-1], x.dtype)
+        return matmul.weight_only_linear(x, self.weight, self.weight_scale, self.bits, self.layout, sz)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, layout={self.layout}"

@@ -4,7 +4,8 @@ import functools
 import pytest
 import torch
 
-import kernels
+from kernels import cpu
+from quantization import matmul
 from quantization.functional import dequantize, quantize_weight
 
 SHAPES = [(192, 64), (256, 512), (4608, 1536), (96, 96)]  # (N, K); 96 rows do not fit the CPU int4 layout
@@ -24,8 +25,8 @@ def reference(x, q, scale, bits):
 def stored(q, bits):
     """The weight as the quantized layers keep it on a CPU without this project's GEMV kernels (INT4 repacked for
     PyTorch's int4 kernel when the shape allows)."""
-    if bits == 4 and kernels.cpu_int4_supported(q.shape[0], 2 * q.shape[1]):
-        return kernels.to_cpu_int4(q), "cpu_int4"
+    if bits == 4 and matmul.cpu_int4_supported(q.shape[0], 2 * q.shape[1]):
+        return matmul.to_cpu_int4(q), "cpu_int4"
     return q, "original"
 
 
@@ -33,8 +34,8 @@ def stored(q, bits):
 def test_cpu_int4_layout_matches_library_packing(n, k):
     q, _ = weights(n, k, 4)
     unsigned = torch.stack([q >> 4, (q << 4) >> 4], dim=-1).reshape(n, k).to(torch.int32) + 8
-    assert torch.equal(kernels.to_cpu_int4(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1))
-    assert torch.equal(kernels.from_cpu_int4(kernels.to_cpu_int4(q)), q)
+    assert torch.equal(matmul.to_cpu_int4(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1))
+    assert torch.equal(matmul.from_cpu_int4(matmul.to_cpu_int4(q)), q)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -44,14 +45,14 @@ def test_cpu_int4_layout_matches_library_packing(n, k):
 def test_bf16_matches_reference(bits, n, k, rows, path, monkeypatch):
     q, scale = weights(n, k, bits)
     if path == "library":
-        monkeypatch.setattr(kernels.cpu_gemv, "applies", lambda x: False)
+        monkeypatch.setattr(cpu, "applies", lambda x: False)
         w, layout = stored(q, bits)
-    elif not kernels.cpu_gemv.available():
+    elif not cpu.available():
         pytest.skip("this CPU lacks AVX-512 BF16: no GEMV kernels")
     else:
         w, layout = q, "original"
     x = torch.randn(rows, k, dtype=torch.bfloat16)
-    y = kernels.weight_only_linear(x, w, scale, bits, layout)
+    y = matmul.weight_only_linear(x, w, scale, bits, layout)
     ref = reference(x, q, scale, bits)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
     # bf16 keeps 8 bits: outputs (and the bf16-rounded row scales) carry ~2^-8 relative error
@@ -65,7 +66,7 @@ def test_fp32_and_fp16_match_reference(bits, dtype, tol):
     q, scale = weights(n, k, bits)
     w, layout = stored(q, bits)
     x = torch.randn(2, 7, k, dtype=dtype)
-    y = kernels.weight_only_linear(x, w, scale, bits, layout)
+    y = matmul.weight_only_linear(x, w, scale, bits, layout)
     ref = reference(x.reshape(-1, k), q, scale, bits).reshape(2, 7, n)
     assert y.dtype == dtype and y.shape == (2, 7, n)
     assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
@@ -76,10 +77,10 @@ def test_fp16_uses_the_original_dequantized_weight(bits):
     """fp16 activations: exactly F.linear with the original's fp16 weight round(q * scale)."""
     q, scale = weights(128, 256, bits)
     w, layout = stored(q, bits)
-    assert torch.equal(kernels.dequantized_t(w, scale, bits, layout, torch.float16).t(),
+    assert torch.equal(matmul.dequantized_t(w, scale, bits, layout, torch.float16).t(),
                        dequantize(q, scale, bits, torch.float16))
     x = torch.randn(3, 256, dtype=torch.float16)
-    y = kernels.weight_only_linear(x, w, scale, bits, layout)
+    y = matmul.weight_only_linear(x, w, scale, bits, layout)
     ref = torch.mm(x, dequantize(q, scale, bits, torch.float16).t().contiguous())
     assert torch.allclose(y.float(), ref.float(), rtol=1e-3, atol=1e-3)
 
@@ -90,11 +91,11 @@ def test_kernel_path_is_taken_for_decode(bits, monkeypatch):
     q, scale = weights(256, 512, bits)
     w, layout = stored(q, bits)
     calls = []
-    real = kernels.dequantized_t
-    monkeypatch.setattr(kernels, "dequantized_t", lambda *a, **k: calls.append(1) or real(*a, **k))
-    kernels.weight_only_linear(torch.randn(1, 512, dtype=torch.bfloat16), w, scale, bits, layout)
+    real = matmul.dequantized_t
+    monkeypatch.setattr(matmul, "dequantized_t", lambda *a, **k: calls.append(1) or real(*a, **k))
+    matmul.weight_only_linear(torch.randn(1, 512, dtype=torch.bfloat16), w, scale, bits, layout)
     assert calls == []
-    kernels.weight_only_linear(torch.randn(200, 512, dtype=torch.bfloat16), w, scale, bits, layout)
+    matmul.weight_only_linear(torch.randn(200, 512, dtype=torch.bfloat16), w, scale, bits, layout)
     assert calls == [1]
 
 
@@ -103,6 +104,6 @@ def test_kernel_path_is_taken_for_decode(bits, monkeypatch):
 def test_cuda_matches_reference(bits):
     q, scale = weights(512, 1024, bits)
     x = torch.randn(4, 1024, dtype=torch.float16, device="cuda")
-    y = kernels.weight_only_linear(x, q.cuda(), scale.cuda(), bits)
+    y = matmul.weight_only_linear(x, q.cuda(), scale.cuda(), bits)
     ref = reference(x.cpu(), q, scale, bits)
     assert (y.cpu().double() - ref).abs().max() <= 2e-3 * ref.abs().max()

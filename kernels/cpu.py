@@ -7,16 +7,15 @@ its per-op overhead costs as much again. This module provides
 * `gemv_bf16(x, w, bias)`, `gemv_int8(x, q, scale, bias)`, `gemv_int4(x, packed, scale, bias)`: y = x Wᵀ (+ b) for
   x bf16 [..., K] with at most MAX_GEMV_ROWS rows (`applies(x)`); W bf16 [N, K], or q int8 [N, K] / packed int4
   [N, K/2] in GLM-130B's stored layout (even column in the high nibble) with one scale per output row.
-  fp32 accumulation, one bf16 rounding per output. `kernels.weight_only_linear` and `linear` route to them.
+  fp32 accumulation, one bf16 rounding per output. `quantization.weight_only_linear` and `linear` route to them.
 * `linear(x, w, bias)`: `F.linear` that takes the bf16 GEMV kernel when x is a CPU bf16 tensor with few rows.
-* `decode_step(model, ...)`: one token per sequence through the whole model, all layers in one C++ call (RoPE +
-  KV-cache append + attention, GeGLU, residual + LayerNorm fused); `GLM130B.forward_with_cache` uses it when
-  `fast_decode_applies`.
+* `decode_layers(x, bits, weights, ...)`: one token per sequence through every layer in one C++ call (RoPE +
+  KV-cache append + attention, GeGLU, residual + LayerNorm fused); model/fast_decode.py plans and calls it.
 
-The C++ source (kernels/csrc/cpu_gemv.cpp) is compiled on first use with torch.utils.cpp_extension (cached under
+The C++ source (kernels/csrc/) is compiled on first use with torch.utils.cpp_extension (cached under
 $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) when the CPU has AVX-512 with BF16. Without those, or
 with GLM_CPU_KERNELS=0, or if the build fails, `available()` is False (one warning) and the callers use PyTorch
-(and its weight-packed INT8/INT4 kernels, see kernels/__init__.py) instead.
+(and its weight-packed INT8/INT4 kernels, see quantization/matmul.py) instead.
 The exact fp32 path of the model never uses these kernels.
 """
 import functools
@@ -24,7 +23,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -119,71 +118,19 @@ def read_bandwidth_probe(x: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The fused one-token decode step
+# All layers of one decoding step
 
-def _mp_world_size() -> int:
-    from model import mpu
-    return mpu.get_model_parallel_world_size()
+def decode_layers(x: torch.Tensor, bits: int, weights: List[torch.Tensor], scales: List[torch.Tensor],
+                  biases: List[torch.Tensor], norms: List[torch.Tensor], alpha: float, eps: float,
+                  k_cache: List[torch.Tensor], v_cache: List[torch.Tensor], pos: int, cos: torch.Tensor,
+                  sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Every DeepNorm layer for one new token per row, in one call (the caller checks `applies(x)`).
 
-
-def fast_decode_applies(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache) -> bool:
-    """Whether `decode_step` can run this forward_with_cache call: one new token per row, a bf16 CPU model using
-    fused attention (--attention sdpa/auto; "plain" keeps SAT's op order) whose linears are all in one kernel format,
-    no tensor parallelism, at most MAX_GEMV_ROWS rows, and the mask covering exactly the cached tokens plus the new one."""
-    return (tokens.dim() == 2 and tokens.shape[1] == 1 and tokens.shape[0] <= MAX_GEMV_ROWS
-            and tokens.device.type == "cpu" and model.dtype == torch.bfloat16 and model._use_sdpa()
-            and cache.batch_size == tokens.shape[0] and cache.length < cache.max_length
-            and attention_mask.shape[-1] == cache.length + 1 and attention_mask.shape[-2] == 1
-            and _mp_world_size() == 1 and available() and _plan(model) is not None)
-
-
-def _kernel_bits(module) -> Optional[int]:
-    """16, 8 or 4 when the decode kernels read this linear's weight as stored; None otherwise."""
-    bits = getattr(module, "bits", None) or 16
-    dtype_ok = module.weight.dtype == (torch.bfloat16 if bits == 16 else torch.int8)
-    layout_ok = getattr(module, "layout", "original") == "original"
-    return bits if dtype_ok and layout_ok and module.weight.is_contiguous() and module.bias is not None else None
-
-
-def _plan(model):
-    """The flat tensor lists decode_layers reads, built once per model and rebuilt when its linears or weights are
-    replaced (quantize() swaps every linear, loading assigns new tensors: the first and last ones are checked).
-    None when the linears are not all in one kernel format."""
-    t = model.transformer
-    first, last = t.layers[0].attention.query_key_value, t.layers[-1].mlp.dense_4h_to_h
-    key = (id(first), id(first.weight), id(last), id(last.weight), id(t.word_embeddings.weight))
-    cached = getattr(model, "_fast_decode_plan", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    linears = [m for layer in t.layers for m in (layer.attention.query_key_value, layer.attention.dense,
-                                                   layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h)]
-    bits = {_kernel_bits(m) for m in linears}
-    plan = None
-    if len(bits) == 1 and None not in bits:
-        next_norms = [layer.input_layernorm for layer in t.layers[1:]] + [t.final_layernorm]
-        norms = [p for layer, nxt in zip(t.layers, next_norms)
-                 for p in (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.bias,
-                           nxt.weight, nxt.bias)]
-        plan = {"bits": bits.pop(), "weights": [m.weight for m in linears], "biases": [m.bias for m in linears],
-                "scales": [m.weight_scale for m in linears if hasattr(m, "weight_scale")], "norms": norms,
-                "alpha": t.layers[0].alpha, "eps": t.final_layernorm.eps}
-    model._fast_decode_plan = (key, plan)
-    return plan
-
-
-def decode_step(model, tokens, position_ids, attention_mask, cache) -> torch.Tensor:
-    """GLM130B.forward_with_cache for one new token per row, with fused kernels. Returns logits [b, 1, V].
-
-    The embedding and first input_layernorm here, then every layer in one call (glm_cpu::decode_layers: qkv GEMV,
-    RoPE + cache append + attention, dense GEMV, x·alpha + attn → LayerNorm, h→4h GEMV, GeGLU, 4h→h GEMV,
-    y·alpha + mlp → next LayerNorm), then the logits GEMV. The caller advances the cache."""
-    t, plan = model.transformer, _plan(model)
-    h = t.word_embeddings(tokens)
-    cos, sin = model.rotary.cos_sin(position_ids, h.dtype)  # rounded to bf16 as the unfused path's tables
-    ln = t.layers[0].input_layernorm
-    x = F.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-    x = torch.ops.glm_cpu.decode_layers(x, plan["bits"], plan["weights"], plan["scales"], plan["biases"],
-                                        plan["norms"], plan["alpha"], plan["eps"], cache.k, cache.v,
-                                        cache.reserve(1), cos.float(), sin.float(),
-                                        attention_mask.reshape(attention_mask.shape[0], -1))
-    return torch.ops.glm_cpu.gemv_bf16(x, t.word_embeddings.weight, None)
+    x: the first input_layernorm's output [b, 1, H] (bf16). Per layer i, its four linears (query_key_value, dense,
+    dense_h_to_4h, dense_4h_to_h) are weights/biases[4i + j] (and scales[4i + j] for bits 8 / 4, all in the stored
+    layout); norms[4i .. 4i + 3] are post_attention_layernorm weight, bias, then the next layer's input_layernorm
+    (the final_layernorm after the last) weight, bias. k_cache/v_cache [b, heads, T, d] per layer get this token's
+    post-RoPE keys and values at column `pos`; cos/sin [b, 1, 1, d] fp32; mask [b|1, pos + 1] bool, True = blocked.
+    Returns the final-layernormed hidden state [b, 1, H]."""
+    return torch.ops.glm_cpu.decode_layers(x, bits, weights, scales, biases, norms, alpha, eps, k_cache, v_cache,
+                                           pos, cos, sin, mask)

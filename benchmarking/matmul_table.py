@@ -1,10 +1,10 @@
 """Time the weight-only matmul paths at decode (M=1) and prefill (M=512) shapes and print a table (milliseconds).
 
-    python kernels/measure.py [--rows 1 512] [--shapes 1536x1536 4608x1536 ...] [--seconds 0.3]
+    python benchmarking/matmul_table.py [--rows 1 512] [--shapes 1536x1536 4608x1536 ...] [--seconds 0.3]
 
 Columns (all bf16 activations, N x K weight):
   dense      F.linear with a bf16 weight (no quantization; PyTorch's own path)
-  gemv16     this project's bf16 GEMV kernel (kernels/cpu_gemv.py; at most 16 rows, needs AVX-512 BF16)
+  gemv16     this project's bf16 GEMV kernel (kernels/cpu.py; at most 16 rows)
   deq8+mm    INT8 -> bf16 at every call, GEMM, output times the row scales
   int8 lib   torch.ops.aten._weight_int8pack_mm on the stored int8 matrix
   gemv8      this project's INT8 GEMV kernel on the stored int8 matrix
@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import kernels  # noqa: E402
+from kernels import cpu  # noqa: E402
+from quantization import matmul  # noqa: E402
 from quantization.functional import quantize_weight  # noqa: E402
 
 
@@ -45,20 +46,20 @@ def measure(n: int, k: int, m: int, seconds: float) -> dict:
     x = torch.randn(m, k, generator=gen).bfloat16()
     q8, s8 = quantize_weight(w, 8)
     q4, s4 = quantize_weight(w, 4)
-    p4 = kernels.to_cpu_int4(q4)
-    dense = kernels.dequantized_t(q8, s8, 8, "original", torch.bfloat16).t().contiguous()
-    sz = kernels.int4_scales_and_zeros(s4, k, torch.bfloat16)
+    p4 = matmul.to_cpu_int4(q4)
+    dense = matmul.dequantized_t(q8, s8, 8, "original", torch.bfloat16).t().contiguous()
+    sz = matmul.int4_scales_and_zeros(s4, k, torch.bfloat16)
     s8b, s4b = s8.bfloat16(), s4.bfloat16()
-    g = kernels.int4_group_size(k)
-    gemv = kernels.cpu_gemv
+    g = matmul.int4_group_size(k)
+    gemv = cpu
     fast = gemv.applies(x)
     paths = {
         "dense": lambda: F.linear(x, dense),
         "gemv16": (lambda: gemv.gemv_bf16(x, dense)) if fast else None,
-        "deq8+mm": lambda: torch.mm(x, kernels.dequantized_t(q8, s8, 8, "original", torch.bfloat16, False)) * s8b,
+        "deq8+mm": lambda: torch.mm(x, matmul.dequantized_t(q8, s8, 8, "original", torch.bfloat16, False)) * s8b,
         "int8 lib": lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8b),
         "gemv8": (lambda: gemv.gemv_int8(x, q8, s8)) if fast else None,
-        "deq4+mm": lambda: torch.mm(x, kernels.dequantized_t(p4, s4, 4, "cpu_int4", torch.bfloat16, False)) * s4b,
+        "deq4+mm": lambda: torch.mm(x, matmul.dequantized_t(p4, s4, 4, "cpu_int4", torch.bfloat16, False)) * s4b,
         "int4 lib": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p4, g, sz),
         "gemv4": (lambda: gemv.gemv_int4(x, q4, s4)) if fast else None,
     }
