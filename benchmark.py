@@ -250,14 +250,14 @@ def run_decode(model, batch: int, prompt: int, steps: int, device, probe=None, n
 def synthetic_multiple_choice(samples: int, length: int, choices: int = 4, choice_len: int = 3):
     """A batch as evaluation/dataset.py builds it: context + [gMASK], then one causal `[sop] + choice[:-1]` block
     per choice that sees the whole bidirectional context (block-diagonal mask), `length` tokens per sample."""
-    from evaluation.dataset import build_multiple_choice_sample, collate_layouts
+    from model.layout import collate_layouts, multiple_choice_sample
     gen = torch.Generator().manual_seed(7)
     text_len = length - 1 - choices * choice_len
     layouts, rows, ids = [], [], []
     for _ in range(samples):
         text = torch.randint(20000, 150000, (text_len,), generator=gen).tolist()
         opts = [torch.randint(20000, 150000, (choice_len,), generator=gen).tolist() for _ in range(choices)]
-        layout, r, i = build_multiple_choice_sample(text, opts, False, GMASK_ID, SOP_ID, use_task_mask=True)
+        layout, r, i = multiple_choice_sample(text, opts, False, GMASK_ID, SOP_ID, use_task_mask=True)
         layouts.append(layout)
         rows.append(r)
         ids.append(i)

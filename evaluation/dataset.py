@@ -1,10 +1,9 @@
 """Evaluation data files -> model inputs (tokens, position ids, attention masks), as §7.5-7.6 of the original.
 
-Every model input is described by a `Layout`: its tokens and position ids, a context block of `prefix` tokens
-(bidirectional, or causal when the task is unidirectional) and causal `segments` that see the context and
-themselves only (a multiple-choice answer, a generation's `sop`, a language-model window's text). The attention
-masks are built per batch from the layouts, padded only to the longest input of the batch (the original padded
-every batch to a multiple of 32; padding is masked, so only the amount of work changes).
+Every model input is a `model.layout.Layout` (tokens, positions, which rows see which; the one sample-layout module
+shared with generation). The attention masks are built per batch from the layouts, padded only to the longest input
+of the batch (the original padded every batch to a multiple of 32; padding is masked, so only the amount of work
+changes).
 
 Deliberate differences from the original (documented in docs/evaluation-data.md):
 - an empty multiple-choice answer is scored as `[eop]` (the original crashed), as the original's later code does;
@@ -14,7 +13,6 @@ Deliberate differences from the original (documented in docs/evaluation-data.md)
 """
 import math
 from bisect import bisect_right
-from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -25,47 +23,8 @@ from evaluation.configs import (BaseConfig, GenerationTaskConfig, LanguageModelT
                                 MultiChoiceTaskConfig)
 from evaluation.utils import get_tokenized_input, read_json_items
 from model.errors import UserError
-
-PAD_ID = 0
-
-
-@dataclass
-class Layout:
-    tokens: np.ndarray  # int64 [length]
-    position_ids: np.ndarray  # int64 [length]
-    prefix: int  # rows and columns [0, prefix) are the context block
-    prefix_causal: bool = False  # the context block is causal (unidirectional) instead of bidirectional
-    segments: List[Tuple[int, int]] = field(default_factory=list)  # causal blocks [start, end) after the context
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-
-def attention_mask_allowed(layout: Layout, out: torch.Tensor) -> None:
-    """Write the layout's allowed-attention pattern into `out` [L, L] (bool, True = may attend)."""
-    p = layout.prefix
-    if layout.prefix_causal:
-        out[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril_()
-    else:
-        out[:p, :p] = True
-    for start, end in layout.segments:
-        n = end - start
-        out[start:end, :p] = True
-        out[start:end, start:end] = torch.ones(n, n, dtype=torch.bool).tril_()
-
-
-def collate_layouts(layouts: Sequence[Layout]) -> Dict[str, torch.Tensor]:
-    """tokens / position_ids [B, L] (padded with 0) and attention_mask [B, 1, L, L] (True = may NOT attend)."""
-    length = max(len(x) for x in layouts)
-    b = len(layouts)
-    tokens = torch.full((b, length), PAD_ID, dtype=torch.long)
-    positions = torch.zeros((b, length), dtype=torch.long)
-    allowed = torch.zeros((b, length, length), dtype=torch.bool)
-    for i, x in enumerate(layouts):
-        tokens[i, :len(x)] = torch.from_numpy(x.tokens)
-        positions[i, :len(x)] = torch.from_numpy(x.position_ids)
-        attention_mask_allowed(x, allowed[i])
-    return {"tokens": tokens, "position_ids": positions, "attention_mask": (~allowed).unsqueeze(1)}
+from model.layout import (Layout, collate_layouts, generation_batch, generation_sample, language_model_window,
+                          multiple_choice_sample)
 
 
 def left_truncate(ids: List[int], keep: int) -> List[int]:
@@ -163,7 +122,7 @@ class MultiChoiceTaskDataset(EvaluationDataset):
     def build_sample(self, index: int) -> Tuple[Layout, List[np.ndarray], List[List[int]]]:
         """The layout, and per choice the rows whose next-token log-probs are summed and the ids scored there."""
         item = self.data[index]
-        return build_multiple_choice_sample(
+        return multiple_choice_sample(
             item["text"], item["choices"], self.is_single_token, self.task_mask_id, self.sop_id,
             use_task_mask=self.config.use_task_mask, unified_multitask_encoding=self.config.use_multitask_encoding,
             unidirectional=self.config.unidirectional)
@@ -174,51 +133,6 @@ class MultiChoiceTaskDataset(EvaluationDataset):
         batch["choice_rows"] = list(rows)
         batch["choice_ids"] = list(ids)
         return batch
-
-
-def build_multiple_choice_sample(text: List[int], choices: List[List[int]], is_single_token: bool, mask_id: int,
-                                 sop_id: int, use_task_mask=False, unified_multitask_encoding=False,
-                                 unidirectional=False) -> Tuple[Layout, List[np.ndarray], List[List[int]]]:
-    """Context (+ mask), then one causal `[sop] + choice[:-1]` block per choice that sees the whole context.
-
-    Positions: the mask's position for every choice token with [MASK] (a count from it with multitask encoding),
-    a count from the end of the context (`division`) with [gMASK]. Unidirectional tasks (which the original's
-    multiple choice ignored; this follows its later code) use the causal prefix form `[gMASK, sop] + text[:-1]` and
-    start each choice block with the last text token.
-    With single-token choices only one block (`[sop]`) is built and every choice is read at its row.
-    """
-    blank_filling = mask_id in text
-    if blank_filling:
-        tokens = list(text)
-        positions = list(range(len(text)))
-        mask_position = text.index(mask_id)
-    elif unidirectional:
-        tokens = [mask_id, sop_id] + list(text[:-1])
-        positions = list(range(len(tokens)))
-        mask_position = len(tokens)
-    else:
-        mask_position = len(text)
-        tokens = list(text) + [mask_id]
-        positions = list(range(len(tokens)))
-    division = len(tokens)
-    first = text[-1] if unidirectional and not blank_filling else sop_id
-    segments, rows = [], []
-    for choice in choices[:1] if is_single_token else choices:
-        start = len(tokens)
-        if use_task_mask:
-            positions += list(range(division, division + len(choice)))
-        elif blank_filling or not unified_multitask_encoding:
-            positions += [mask_position] * len(choice)
-        else:
-            positions += list(range(mask_position, mask_position + len(choice)))
-        tokens += [first] + list(choice[:-1])
-        segments.append((start, len(tokens)))
-        rows.append(np.arange(start, start + len(choice)))
-    layout = Layout(np.asarray(tokens, dtype=np.int64), np.asarray(positions, dtype=np.int64), division,
-                    prefix_causal=unidirectional and not blank_filling, segments=segments)
-    if is_single_token:
-        return layout, [rows[0]] * len(choices), [list(c) for c in choices]
-    return layout, rows, [list(c) for c in choices]
 
 
 # ---- Generation ---------------------------------------------------------------------------------------------------
@@ -253,40 +167,11 @@ class GenerationTaskDataset(EvaluationDataset):
 
     def build_sample(self, index: int) -> Dict[str, Any]:
         c = self.config
-        return build_generation_sample(self.data[index]["text"], c.max_gen_length, self.task_mask_id, self.sop_id,
+        return generation_sample(self.data[index]["text"], c.max_gen_length, self.task_mask_id, self.sop_id,
                                        use_task_mask=c.use_task_mask, unidirectional=c.unidirectional)
 
     def collate(self, indices):
-        samples = [self.build_sample(i) for i in indices]
-        batch = collate_layouts([s["layout"] for s in samples])
-        batch["layouts"] = [s["layout"] for s in samples]
-        batch["context_length"] = torch.tensor([len(s["layout"]) for s in samples], dtype=torch.long)
-        batch["target_position_ids"] = torch.from_numpy(np.stack([s["target_position_ids"] for s in samples]))
-        return batch
-
-
-def build_generation_sample(text: List[int], max_gen_length: int, mask_id: int, sop_id: int, use_task_mask=False,
-                            unidirectional=False) -> Dict[str, Any]:
-    """`text + [mask, sop]` (or the causal prefix form `[mask, sop] + text`, or `text + [sop]` when the text holds
-    the [MASK] to fill). With [MASK] the sop and every generated token take the mask's position."""
-    blank_filling = mask_id in text
-    if blank_filling:
-        mask_position = text.index(mask_id)
-        tokens = list(text) + [sop_id]
-    else:
-        mask_position = len(text)
-        tokens = [mask_id, sop_id] + list(text) if unidirectional else list(text) + [mask_id, sop_id]
-    ctx = len(tokens)
-    positions = np.arange(ctx, dtype=np.int64)
-    targets = np.arange(ctx, ctx + max_gen_length, dtype=np.int64)
-    if not use_task_mask:
-        positions[ctx - 1:] = mask_position
-        targets[:] = mask_position
-    if unidirectional:
-        layout = Layout(np.asarray(tokens, dtype=np.int64), positions, ctx, prefix_causal=True)
-    else:
-        layout = Layout(np.asarray(tokens, dtype=np.int64), positions, ctx - 1, segments=[(ctx - 1, ctx)])
-    return {"layout": layout, "target_position_ids": targets}
+        return generation_batch([self.build_sample(i) for i in indices])
 
 
 # ---- Language modelling -------------------------------------------------------------------------------------------
@@ -344,14 +229,10 @@ class LanguageModelTaskDataset(EvaluationDataset):
             prompt, text, scored = [], tokens, len(tokens) - prompt_length
         else:
             prompt, text, scored = tokens[:prompt_length], tokens[prompt_length:], len(tokens) - prompt_length
-        input_ids = prompt + [self.task_mask_id, self.sop_id] + text[:-1]
-        targets = prompt + [self.task_mask_id] + text
-        p = len(prompt) + 1
-        layout = Layout(np.asarray(input_ids, dtype=np.int64), np.arange(len(input_ids), dtype=np.int64), p,
-                        segments=[(p, len(input_ids))])
-        loss_mask = np.zeros(len(input_ids), dtype=np.float32)
-        loss_mask[len(input_ids) - scored:] = 1
-        return {"layout": layout, "targets": np.asarray(targets, dtype=np.int64), "loss_mask": loss_mask}
+        layout, targets = language_model_window(prompt, text, self.task_mask_id, self.sop_id)
+        loss_mask = np.zeros(len(layout), dtype=np.float32)
+        loss_mask[len(layout) - scored:] = 1
+        return {"layout": layout, "targets": targets, "loss_mask": loss_mask}
 
     def sample_length(self, index):
         c = self.config

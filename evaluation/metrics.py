@@ -14,8 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Sequence
 import numpy as np
 
 from model.errors import UserError
-
-TEXT_ID_START = 20000  # icetk: ids below are image tokens; text id = SentencePiece id + 20000
+from model.tokenizer import text_id_range
 
 
 def accuracy_metric(predictions: Sequence[Any], examples: Sequence[dict]) -> float:
@@ -93,8 +92,7 @@ def metric_max_over_ground_truths(metric_fn: Callable, prediction: str, ground_t
 
 def decode_text(tokenizer, ids: Iterable[int]) -> str:
     """icetk's raw decode of the text ids; special or out-of-vocabulary ids are left out (icetk would crash)."""
-    lo = TEXT_ID_START
-    hi = lo + getattr(tokenizer, "piece_count", 130000)
+    lo, hi = text_id_range(tokenizer)
     return tokenizer.decode([int(i) for i in ids if lo <= int(i) < hi])
 
 

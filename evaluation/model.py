@@ -11,26 +11,10 @@ full-vocabulary log-softmax. (The original took the log-softmax of the fp16 logi
 from typing import Dict, List, Sequence, Union
 
 import torch
-import torch.distributed as dist
 
+from generation.decoding import batch_filling_sequence
 from model import mpu
-
-
-def vocab_parallel_log_probs(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits[rows[n]])[ids[n]] for each n, from vocab-sharded rows `logits` [R, V/mp]."""
-    logits = logits.float()
-    world, rank = mpu.get_model_parallel_world_size(), mpu.get_model_parallel_rank()
-    part = logits.shape[-1]
-    start = rank * part
-    row_max = logits.max(dim=-1).values
-    mpu.all_reduce_model_parallel(row_max, dist.ReduceOp.MAX if world > 1 else None)
-    sum_exp = (logits - row_max.unsqueeze(-1)).exp().sum(dim=-1)
-    mpu.all_reduce_model_parallel(sum_exp)
-    log_z = row_max + sum_exp.log()
-    local = (ids >= start) & (ids < start + part)
-    picked = logits[rows, (ids - start).clamp(0, part - 1)] * local
-    mpu.all_reduce_model_parallel(picked)
-    return picked - log_z[rows]
+from model.layout import DecodingLayout
 
 
 class ModelForEvaluation:
@@ -63,7 +47,7 @@ class ModelForEvaluation:
         keys_t = torch.tensor(keys, dtype=torch.long, device=logits.device)
         unique, inverse = torch.unique(keys_t, return_inverse=True)
         selected = logits.reshape(-1, logits.shape[-1])[unique]
-        token_logp = vocab_parallel_log_probs(selected, inverse, torch.tensor(ids, device=logits.device)).tolist()
+        token_logp = mpu.vocab_parallel_log_probs(selected, inverse, torch.tensor(ids, device=logits.device)).tolist()
         out = [[0.0] * len(c) for c in batch["choice_ids"]]
         for (b, j), lp in zip(owner, token_logp):
             out[b][j] += lp
@@ -79,39 +63,12 @@ class ModelForEvaluation:
     @torch.inference_mode()
     def generate_text(self, batch, strategy, return_all_beams=False) -> Union[List[List[int]], List[List[List[int]]]]:
         """Generated ids per sample (best beam first; all beams if `return_all_beams`), end token removed."""
-        from generation.decoding import batch_filling_sequence
         seqs = batch["tokens"].to(self.device)
         context_lengths = batch["context_length"].to(self.device)
         masks_fn = DecodingLayout(batch, self.device)
         output = batch_filling_sequence(self.model, seqs, context_lengths, strategy,
                                         get_masks_and_position_ids=masks_fn)[0]
         return parse_generated(output, seqs.shape[1], strategy.end_tokens, return_all_beams)
-
-
-class DecodingLayout:
-    """`get_masks_and_position_ids` for a padded evaluation batch.
-
-    Generated token t of sample i sits at column ctx_padded + t; it sees what the sample's last real context
-    token (sop, or the last text token in the unidirectional prefix form) sees, plus the earlier generated tokens.
-    Its position id is the sample's own target position, so right padding changes nothing but the layout.
-    """
-
-    def __init__(self, batch: Dict, device):
-        self.context_mask = batch["attention_mask"].to(device)  # [B, 1, C, C], True = blocked
-        self.positions = torch.cat([batch["position_ids"], batch["target_position_ids"]], dim=-1).to(device)
-        self.context_lengths = batch["context_length"].to(device)
-        self.max_gen_length = batch["target_position_ids"].shape[-1]
-
-    def __call__(self, seqs: torch.Tensor):
-        b, c = seqs.shape
-        g = self.max_gen_length
-        tokens = torch.nn.functional.pad(seqs, (0, g), value=-1)
-        mask = torch.ones((b, 1, c + g, c + g), dtype=torch.bool, device=seqs.device)
-        mask[:, :, :c, :c] = self.context_mask
-        last_row = self.context_mask[torch.arange(b, device=seqs.device), 0, self.context_lengths - 1]  # [B, C]
-        mask[:, 0, c:, :c] = last_row.unsqueeze(1)
-        mask[:, :, c:, c:] = ~torch.ones((g, g), dtype=torch.bool, device=seqs.device).tril()
-        return tokens, mask, self.positions
 
 
 def parse_generated(output, context_width: int, end_tokens: Sequence[int], return_all_beams: bool):

@@ -36,12 +36,13 @@ import torch
 
 from generation.decoding import batch_filling_sequence
 from model.errors import UserError
+from model.layout import DecodingLayout, generation_batch, round_sample
+from model.tokenizer import text_id_range
 
 MASK_PATTERN = re.compile(r"\[[sg]?MASK\]")
 MASK_PRECEDENCE = ("[MASK]", "[sMASK]", "[gMASK]")
 GMASK_STYLE = ("\033[4m", "\033[0m")  # underline
 MASK_STYLE = ("\x1b[0;32m\033[4m", "\033[0m\x1b[0m")  # green + underline
-TEXT_ID_START = 20000  # icetk's image tokens are the ids below
 
 
 @dataclass
@@ -80,8 +81,7 @@ def generation_invalid_slices(tokenizer, end_tokens: Optional[Sequence[int]] = N
     id (150008..150527). The original excluded nothing, so a sampled image or padding id crashed detokenization.
     """
     end_tokens = sorted(set(tokenizer.end_tokens if end_tokens is None else end_tokens))
-    text_end = TEXT_ID_START + getattr(tokenizer, "piece_count", tokenizer.num_tokens - TEXT_ID_START)
-    allowed = sorted([(TEXT_ID_START, text_end)] + [(t, t + 1) for t in end_tokens])
+    allowed = sorted([text_id_range(tokenizer)] + [(t, t + 1) for t in end_tokens])
     slices, start = [], 0
     for lo, hi in allowed:
         if lo > start:
@@ -99,39 +99,17 @@ def get_masks_and_position_ids(seq: torch.Tensor, mask_position: int, max_gen_le
 
 
 def generation_layout(inputs: Sequence[Sequence[int]], mask_positions: Sequence[int], use_gmask: Sequence[bool],
-                      max_gen_length: int, pad_id: int = 0):
-    """Right-padded batch layout for one round: inputs are the rows' ids ending with sop.
+                      max_gen_length: int):
+    """Right-padded batch layout for one round (model/layout.py): inputs are the rows' ids ending with sop.
 
-    Returns (seqs [B, ctx] right-padded with pad_id, context_lengths [B], get_masks_and_position_ids) where the
-    function gives the full-length (ctx + max_gen_length) tokens, mask [B, 1, L, L] and positions [B, L] for
-    `batch_filling_sequence`. Padding columns are masked for every row; generated token t of row b sits at column
-    ctx + t with position len_b + t ([gMASK]) or mask_position_b ([MASK]/[sMASK]), as in an unpadded row.
+    Returns (seqs [B, ctx] right-padded, context_lengths [B], get_masks_and_position_ids) where the function gives
+    the full-length (ctx + max_gen_length) tokens, mask [B, 1, L, L] and positions [B, L] for the decoding loop.
+    Generated token t of row b sits at column ctx + t with position len_b + t ([gMASK]) or mask_position_b
+    ([MASK]/[sMASK]), as in an unpadded row.
     """
-    lengths = [len(x) for x in inputs]
-    batch, ctx = len(inputs), max(lengths)
-    total = ctx + max(0, max_gen_length)
-    seqs = torch.full((batch, ctx), pad_id, dtype=torch.long)
-    positions = torch.arange(total, dtype=torch.long).repeat(batch, 1)
-    allowed = torch.ones(total, total, dtype=torch.bool).tril().repeat(batch, 1, 1)
-    gen = torch.arange(total - ctx, dtype=torch.long)
-    for b, (ids, n) in enumerate(zip(inputs, lengths)):
-        seqs[b, :n] = torch.tensor(list(ids), dtype=torch.long)
-        allowed[b, :, : n - 1] = True  # the context (all but sop) is seen by every row
-        allowed[b, :, n:ctx] = False  # padding is seen by no row
-        positions[b, n:ctx] = 0
-        if use_gmask[b]:
-            positions[b, ctx:] = n + gen
-        else:
-            positions[b, n - 1] = mask_positions[b]
-            positions[b, ctx:] = mask_positions[b]
-    mask = (~allowed).unsqueeze(1)
-    context_lengths = torch.tensor(lengths, dtype=torch.long)
-
-    def layout(seqs_: torch.Tensor):
-        full = torch.cat([seqs_, seqs_.new_full((seqs_.shape[0], total - ctx), -1)], dim=1)
-        return full, mask.to(seqs_.device), positions.to(seqs_.device)
-
-    return seqs, context_lengths, layout
+    batch = generation_batch([round_sample(ids, m, max_gen_length, g)
+                              for ids, m, g in zip(inputs, mask_positions, use_gmask)])
+    return batch["tokens"], batch["context_length"], DecodingLayout(batch, batch["tokens"].device)
 
 
 def round_budget(input_length: int, out_seq_length: int, max_new_tokens: Optional[int],

@@ -146,22 +146,38 @@ def all_gather_object_data_parallel(obj: Any) -> List[Any]:
     return out
 
 
+def _vocab_parallel_log_z(logits: torch.Tensor) -> torch.Tensor:
+    """log Σ exp over the whole (sharded) vocabulary of each row of fp32 `logits` [..., V/mp]."""
+    row_max = logits.max(dim=-1).values
+    all_reduce_model_parallel(row_max, dist.ReduceOp.MAX if get_model_parallel_world_size() > 1 else None)
+    sum_exp = (logits - row_max.unsqueeze(-1)).exp().sum(dim=-1)
+    all_reduce_model_parallel(sum_exp)
+    return row_max + sum_exp.log()
+
+
+def _vocab_parallel_pick(logits: torch.Tensor, ids: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """logits[..., ids] (or logits[rows, ids] for 2-D logits) where ids are global vocabulary ids (each rank holds
+    V/mp of them)."""
+    part = logits.shape[-1]
+    start = get_model_parallel_rank() * part
+    local_ids = (ids - start).clamp(0, part - 1)
+    if rows is None:
+        picked = logits.gather(-1, local_ids.unsqueeze(-1)).squeeze(-1)
+    else:
+        picked = logits[rows, local_ids]
+    return all_reduce_model_parallel(picked * ((ids >= start) & (ids < start + part)))
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross entropy from vocab-sharded logits [..., V/mp] (fp32), without gathering the vocabulary."""
     logits = logits.float()
-    world, rank = get_model_parallel_world_size(), get_model_parallel_rank()
-    part = logits.shape[-1]
-    start = rank * part
-    logits_max = logits.max(dim=-1).values
-    all_reduce_model_parallel(logits_max, dist.ReduceOp.MAX if world > 1 else None)
-    shifted = logits - logits_max.unsqueeze(-1)
-    local = (targets >= start) & (targets < start + part)
-    index = (targets - start).clamp(0, part - 1).unsqueeze(-1)
-    target_logit = shifted.gather(-1, index).squeeze(-1) * local
-    all_reduce_model_parallel(target_logit)
-    sum_exp = shifted.exp().sum(dim=-1)
-    all_reduce_model_parallel(sum_exp)
-    return sum_exp.log() - target_logit
+    return _vocab_parallel_log_z(logits) - _vocab_parallel_pick(logits, targets)
+
+
+def vocab_parallel_log_probs(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits[rows[n]])[ids[n]] for each n, from vocab-sharded rows `logits` [R, V/mp] (fp32)."""
+    logits = logits.float()
+    return _vocab_parallel_pick(logits, ids, rows) - _vocab_parallel_log_z(logits)[rows]
 
 
 def print_rank_0(*args, **kwargs) -> None:

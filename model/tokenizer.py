@@ -6,7 +6,7 @@ special tokens are hard-coded right after icetk's 130000 text pieces (150000..15
 """
 import os
 import warnings
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import sentencepiece as spm
 
@@ -100,6 +100,11 @@ class IceTokenizer:
             raise ValueError(f"id {i} is not a text token of this tokenizer (text ids are "
                              f"{NUM_IMAGE_TOKENS}..{NUM_IMAGE_TOKENS + self.piece_count - 1}, "
                              f"specials {NUM_TOKENS}..{NUM_TOKENS + len(_ADDED_SPECIALS) - 1}, pad {PAD_ID})")
+
+
+def text_id_range(tokenizer) -> Tuple[int, int]:
+    """[lo, hi): the text ids of `tokenizer` (icetk's layout: after the image tokens, one per SentencePiece piece)."""
+    return NUM_IMAGE_TOKENS, NUM_IMAGE_TOKENS + getattr(tokenizer, "piece_count", TEXT_PIECE_COUNT)
 
 
 def _load_sentencepiece(path: str) -> spm.SentencePieceProcessor:

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from evaluation.configs import GenerationTaskConfig, LanguageModelTaskConfig, MultiChoiceTaskConfig, TaskType
-from evaluation.dataset import (GenerationTaskDataset, LanguageModelTaskDataset, MultiChoiceTaskDataset,
-                                build_generation_sample, build_multiple_choice_sample, collate_layouts)
-from evaluation.model import DecodingLayout
+from evaluation.dataset import GenerationTaskDataset, LanguageModelTaskDataset, MultiChoiceTaskDataset
 from evaluation.utils import pack_by_length, shard_batches
 from model.errors import UserError
+from model.layout import DecodingLayout, collate_layouts, generation_sample, multiple_choice_sample
 from tests.eval_helpers import write_jsonl
 
 MASK, GMASK, SOP, EOP = 150000, 150001, 150004, 150005
@@ -37,7 +36,7 @@ def allowed(layout):
 def test_multiple_choice_layout_of_appendix_a():
     text, x, y = [1, 2, 3], [11, 12], [21, 22]
     n = len(text)
-    layout, rows, ids = build_multiple_choice_sample(text, [x, y], False, MASK, SOP)
+    layout, rows, ids = multiple_choice_sample(text, [x, y], False, MASK, SOP)
     assert layout.tokens.tolist() == text + [MASK, SOP, 11, SOP, 21]
     assert layout.position_ids.tolist() == [0, 1, 2, n, n, n, n, n]
     assert [r.tolist() for r in rows] == [[n + 1, n + 2], [n + 3, n + 4]] and ids == [x, y]
@@ -47,38 +46,38 @@ def test_multiple_choice_layout_of_appendix_a():
     expected[n + 3:, n + 3:] = np.tril(np.ones((2, 2)))  # choice y, causal; never sees x
     expected[:n + 1, n + 1:] = 0
     assert (allowed(layout) == expected).all()
-    gm, _, _ = build_multiple_choice_sample(text, [x, y], False, GMASK, SOP, use_task_mask=True)
+    gm, _, _ = multiple_choice_sample(text, [x, y], False, GMASK, SOP, use_task_mask=True)
     assert gm.position_ids.tolist() == [0, 1, 2, n, n + 1, n + 2, n + 1, n + 2]
-    mt, _, _ = build_multiple_choice_sample(text, [x, y], False, MASK, SOP, unified_multitask_encoding=True)
+    mt, _, _ = multiple_choice_sample(text, [x, y], False, MASK, SOP, unified_multitask_encoding=True)
     assert mt.position_ids.tolist()[n + 1:] == [n, n + 1, n, n + 1]
 
 
 def test_single_token_choices_share_the_sop_row_and_blank_filling_keeps_the_mask():
-    layout, rows, ids = build_multiple_choice_sample([1, 2], [[7], [8], [9]], True, MASK, SOP)
+    layout, rows, ids = multiple_choice_sample([1, 2], [[7], [8], [9]], True, MASK, SOP)
     assert layout.tokens.tolist() == [1, 2, MASK, SOP]
     assert [r.tolist() for r in rows] == [[3], [3], [3]] and ids == [[7], [8], [9]]
-    blank, rows, _ = build_multiple_choice_sample([1, MASK, 2], [[7, 8]], False, MASK, SOP)
+    blank, rows, _ = multiple_choice_sample([1, MASK, 2], [[7, 8]], False, MASK, SOP)
     assert blank.tokens.tolist() == [1, MASK, 2, SOP, 7] and blank.position_ids.tolist() == [0, 1, 2, 1, 1]
     assert rows[0].tolist() == [3, 4]
 
 
 def test_generation_layouts():
-    g = build_generation_sample([1, 2, 3], 4, GMASK, SOP, use_task_mask=True)
+    g = generation_sample([1, 2, 3], 4, GMASK, SOP, use_task_mask=True)
     assert g["layout"].tokens.tolist() == [1, 2, 3, GMASK, SOP]
     assert g["layout"].position_ids.tolist() == [0, 1, 2, 3, 4] and g["target_position_ids"].tolist() == [5, 6, 7, 8]
     expected = np.tril(np.ones((5, 5), dtype=int))
     expected[:4, :4] = 1  # bidirectional over everything but sop
     assert (allowed(g["layout"]) == expected).all()
-    m = build_generation_sample([1, 2, 3], 2, MASK, SOP)
+    m = generation_sample([1, 2, 3], 2, MASK, SOP)
     assert m["layout"].position_ids.tolist() == [0, 1, 2, 3, 3] and m["target_position_ids"].tolist() == [3, 3]
-    u = build_generation_sample([1, 2, 3], 2, GMASK, SOP, use_task_mask=True, unidirectional=True)
+    u = generation_sample([1, 2, 3], 2, GMASK, SOP, use_task_mask=True, unidirectional=True)
     assert u["layout"].tokens.tolist() == [GMASK, SOP, 1, 2, 3]
     assert (allowed(u["layout"]) == np.tril(np.ones((5, 5), dtype=int))).all()
 
 
 def test_decoding_mask_continues_each_sample_after_the_padding():
-    samples = [build_generation_sample([1, 2, 3], 2, GMASK, SOP, use_task_mask=True),
-               build_generation_sample([4], 2, GMASK, SOP, use_task_mask=True)]
+    samples = [generation_sample([1, 2, 3], 2, GMASK, SOP, use_task_mask=True),
+               generation_sample([4], 2, GMASK, SOP, use_task_mask=True)]
     batch = collate_layouts([s["layout"] for s in samples])
     batch["context_length"] = torch.tensor([5, 3])
     batch["target_position_ids"] = torch.from_numpy(np.stack([s["target_position_ids"] for s in samples]))
