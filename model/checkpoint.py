@@ -26,8 +26,8 @@ def read_latest(load_dir: str) -> str:
     return iteration
 
 
-def shard_path(load_dir: str, iteration: str, mp_rank: int) -> str:
-    return os.path.join(load_dir, iteration, f"mp_rank_{mp_rank:02d}_model_states.pt")
+def shard_path(load_dir: str, iteration: str, model_parallel_rank: int) -> str:
+    return os.path.join(load_dir, iteration, f"mp_rank_{model_parallel_rank:02d}_model_states.pt")
 
 
 def list_shards(load_dir: str) -> List[str]:
@@ -91,8 +91,8 @@ def check_state_dict(expected: Dict[str, torch.Tensor], found: Dict[str, torch.T
         warn_once(f"ignoring {len(unexpected)} unexpected key(s) in {path} (e.g. {unexpected[0]})")
 
 
-def load_checkpoint(model: torch.nn.Module, load_dir: str, mp_rank: int, mp_size: int, device="cpu",
-                    quantization_bit_width=None, from_quantized_checkpoint=False) -> str:
+def load_checkpoint(model: torch.nn.Module, load_dir: str, model_parallel_rank: int, model_parallel_size: int,
+                    device="cpu", quantization_bit_width=None, from_quantized_checkpoint=False) -> str:
     """Load this rank's shard into `model` (which may live on the meta device). Returns the shard path.
 
     Tensors are memory-mapped and assigned without a copy when dtype and device already match, so peak host RAM
@@ -101,12 +101,12 @@ def load_checkpoint(model: torch.nn.Module, load_dir: str, mp_rank: int, mp_size
     quantize-on-load equals loading a checkpoint converted by tools/convert_tp.py, bit for bit, in every dtype.
     """
     shards = list_shards(load_dir)
-    if len(shards) != mp_size:
+    if len(shards) != model_parallel_size:
         raise UserError(f"{load_dir} holds a {len(shards)}-way tensor-parallel checkpoint but "
-                        f"--model-parallel-size is {mp_size}; pass --model-parallel-size {len(shards)} or convert it "
+                        f"--model-parallel-size is {model_parallel_size}; pass --model-parallel-size {len(shards)} or convert it "
                         f"with: python tools/convert_tp.py --input-folder {load_dir} --output-folder <new folder> "
-                        f"--target-tp {mp_size}")
-    path = shards[mp_rank]
+                        f"--target-tp {model_parallel_size}")
+    path = shards[model_parallel_rank]
     found = load_shard_state_dict(path)
     if quantization_bit_width or from_quantized_checkpoint or any(k.endswith(".weight_scale") for k in found):
         from quantization import check_quantization_matches, quantize_state_dict

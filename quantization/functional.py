@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from model.errors import UserError
-from model.sharding import QUANTIZED_LINEARS
+from model.sharding import is_quantized_weight
 
 MAX_LEVEL = {8: 127, 4: 7}
 STORAGE_RANGE = {8: (-128, 127), 4: (-8, 7)}
@@ -79,7 +79,7 @@ def quantize_state_dict(state_dict: Dict[str, torch.Tensor], bits: int) -> Dict[
     """
     out = {}
     for key, value in state_dict.items():
-        if key.endswith(tuple(f"{n}.weight" for n in QUANTIZED_LINEARS)):
+        if is_quantized_weight(key):
             out[key], out[key + "_scale"] = quantize_weight(value, bits)
         else:
             out[key] = value
@@ -95,7 +95,7 @@ def detect_quantization(state_dict: Dict[str, torch.Tensor], path: str = "checkp
     INT4 packs two values per byte, so a column-parallel weight (query_key_value) has hidden/2 columns instead of
     hidden, where hidden is the size of the layer's (replicated) input_layernorm.
     """
-    weights = [k for k in state_dict if k.endswith(tuple(f"{n}.weight" for n in QUANTIZED_LINEARS))]
+    weights = [k for k in state_dict if is_quantized_weight(k)]
     int8 = [k for k in weights if state_dict[k].dtype == torch.int8]
     scales = [k for k in state_dict if k.endswith(".weight_scale")]
     if not int8 and not scales:

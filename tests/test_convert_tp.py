@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from model.sharding import shard_tensor
+from model.sharding import is_quantized_weight, shard_tensor
 from quantization.functional import quantize_weight
 from tools import convert_tp
 from tools.create_random_checkpoint import create_random_checkpoint
@@ -102,7 +102,7 @@ def test_quantized_conversion(tmp_path, bits):
     for rank, sd in enumerate(out):
         for key, value in full.items():
             local = shard_tensor(key, value, rank, 2)
-            if key.endswith(convert_tp.QUANTIZED_WEIGHTS):  # scales per *target* shard (row-parallel: local columns)
+            if is_quantized_weight(key):  # scales per *target* shard (row-parallel: local columns)
                 q, scale = quantize_weight(local, bits)
                 assert sd[key].dtype == torch.int8 and torch.equal(sd[key], q)
                 assert sd[key + "_scale"].dtype == torch.float16 and torch.equal(sd[key + "_scale"], scale)

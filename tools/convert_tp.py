@@ -26,11 +26,9 @@ from tqdm import tqdm  # noqa: E402
 
 from model.checkpoint import list_shards, read_latest, save_shard  # noqa: E402
 from model.errors import UserError, main_entry  # noqa: E402
-from model.sharding import (COLS, GLU, QUANTIZED_LINEARS, REPLICATED, local_shard_from_sources,  # noqa: E402
-                            merge_shards, partition_rule, shard_tensor, source_ranks_for)
+from model.sharding import (is_quantized_weight, local_shard_from_sources, merge_shards, partition,  # noqa: E402
+                            shard_tensor, source_ranks_for)
 from quantization.functional import detect_quantization, quantize_weight  # noqa: E402
-
-QUANTIZED_WEIGHTS = tuple(f"{name}.weight" for name in QUANTIZED_LINEARS)
 
 
 class ShardReader:
@@ -63,16 +61,15 @@ class ShardReader:
 
 
 def quantized(key: str, bits) -> bool:
-    return bool(bits) and key.endswith(QUANTIZED_WEIGHTS)
+    return bool(bits) and is_quantized_weight(key)
 
 
 def target_layout(source: ShardReader, source_tp: int, target_tp: int, bits) -> dict:
     """key -> (shape, dtype) of every target shard, in checkpoint order (scales right after their weights)."""
     layout = {}
     for key, m in source.meta.items():
-        shape, rule = list(m.shape), partition_rule(key)
-        if rule != REPLICATED:
-            dim = 1 if rule == COLS else 0
+        shape, dim = list(m.shape), partition(key).split_dim
+        if dim is not None:
             shape[dim] = shape[dim] * source_tp // target_tp
         if not quantized(key, bits):
             layout[key] = (shape, m.dtype)
@@ -157,15 +154,13 @@ def check_sources(sources, target_tp, heads, bits) -> None:
     if heads is not None and heads % target_tp:
         raise UserError(f"{heads} attention heads do not split into --target-tp {target_tp} ranks")
     for key, m in first.meta.items():
-        rule = partition_rule(key)
-        if rule == REPLICATED:
+        part = partition(key)
+        if part.split_dim is None:
             continue
-        dim = 1 if rule == COLS else 0
-        size = m.shape[dim] * len(sources)
-        parts = target_tp * (2 if rule == GLU else 3 if "query_key_value" in key else 1)
-        if size % parts:
-            raise UserError(f"{key} ({'columns' if dim else 'rows'}: {size}) cannot be split into --target-tp "
-                            f"{target_tp} equal parts{' of whole q/k/v blocks' if parts == 3 * target_tp else ''}")
+        size = m.shape[part.split_dim] * len(sources)
+        if size % (target_tp * part.blocks):
+            raise UserError(f"{key} ({'columns' if part.split_dim else 'rows'}: {size}) cannot be split into "
+                            f"--target-tp {target_tp} equal parts{f' of each of its {part.blocks} blocks' if part.blocks > 1 else ''}")
 
 
 def convert(sources, folder, target_tp, bits) -> None:
