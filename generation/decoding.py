@@ -26,6 +26,68 @@ def _rows(tensor: torch.Tensor, row_source: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.shape[0] == 1 else tensor.index_select(0, row_source.to(tensor.device))
 
 
+class _Decoder:
+    """The model side of the loop: the prefill of the contexts, then one token per row and step, with the rows'
+    layout (positions, mask) following the beams they continue. With use_cache=False every step recomputes the
+    whole sequence (the reference the KV-cache path is tested against)."""
+
+    def __init__(self, model, position_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool):
+        self.model, self.position_ids, self.attention_mask = model, position_ids, attention_mask
+        self.use_cache = use_cache
+        self.cache = None
+        self.row_source = None  # which input sequence each current row continues
+
+    def prefill(self, seqs: torch.Tensor, context_lengths: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, 1, V] at each sequence's last real token (row context_lengths - 1)."""
+        rows, ctx = seqs.shape
+        self.row_source = torch.arange(rows, device=seqs.device)
+        first = (context_lengths - 1).to(seqs.device)
+        positions, mask = self.position_ids[:, :ctx], self.attention_mask[:, :, :ctx, :ctx]
+        if self.use_cache:
+            self.cache = KVCache(self.model, rows, self.position_ids.shape[-1])
+            return self.model.forward_with_cache(seqs, positions, mask, self.cache, logits_index=first)
+        logits = self.model(seqs, positions, mask)[0]
+        return logits[torch.arange(rows, device=logits.device), first.to(logits.device)].unsqueeze(1)
+
+    def reorder(self, flat: torch.Tensor) -> None:
+        """The current rows continue rows `flat` of the previous step (beam search's selection)."""
+        self.row_source = self.row_source.index_select(0, flat)
+        if self.cache is not None:
+            self.cache.reorder(flat)
+
+    def step(self, tokens: torch.Tensor, column: int) -> torch.Tensor:
+        """Logits [rows, 1, V] after the newest token of each row (at `column`); tokens [B, beams, T]."""
+        rows = self.row_source
+        if self.cache is not None:
+            new = tokens[..., -1].reshape(-1, 1).clamp_min(0)
+            return self.model.forward_with_cache(new, _rows(self.position_ids, rows)[:, column:column + 1],
+                                                 _rows(self.attention_mask[:, :, column:column + 1, :column + 1], rows),
+                                                 self.cache)
+        flat_tokens = tokens.reshape(-1, tokens.shape[-1]).clamp_min(0)
+        return self.model(flat_tokens, _rows(self.position_ids, rows)[:, :column + 1],
+                          _rows(self.attention_mask[:, :, :column + 1, :column + 1], rows))[0][:, -1:]
+
+
+def _selected_rows(strategy, batch: int, beams: int, new_beams: int, device) -> Optional[torch.Tensor]:
+    """Flat indices of the previous rows that the new rows continue, or None when they stay as they were."""
+    beam_index = getattr(strategy, "beam_index", None)
+    if beam_index is None:
+        return None
+    flat = (torch.arange(batch, device=device)[:, None] * beams + beam_index.to(device)).view(-1)
+    if new_beams == beams and torch.equal(flat, torch.arange(len(flat), device=device)):
+        return None
+    return flat
+
+
+def _start(strategy, batch: int, context_lengths, num_beams_in: int, init_scores, max_gen_lengths,
+           penalize_padding: bool) -> None:
+    if hasattr(strategy, "prepare"):  # strategies written for the original have no prepare/mark_done
+        strategy.prepare(batch, context_lengths=None if penalize_padding else context_lengths.view(batch, -1),
+                         init_scores=init_scores)
+    elif num_beams_in != 1 or max_gen_lengths is not None:
+        raise ValueError("num_beams_in and max_gen_lengths need a strategy with prepare() and mark_done()")
+
+
 def batch_filling_sequence(model, seqs: torch.Tensor, context_lengths, strategy,
                            get_masks_and_position_ids: Callable, *, num_beams_in: int = 1,
                            init_scores: Optional[torch.Tensor] = None,
@@ -47,14 +109,9 @@ def batch_filling_sequence(model, seqs: torch.Tensor, context_lengths, strategy,
     batch = num_rows // num_beams_in
     context_lengths = torch.as_tensor(context_lengths, dtype=torch.long).view(-1)
     _, attention_mask, position_ids = get_masks_and_position_ids(seqs)
-    total = position_ids.shape[-1]
-    max_gen = total - ctx
+    max_gen = position_ids.shape[-1] - ctx
     budgets = [max_gen] * batch if max_gen_lengths is None else [min(int(g), max_gen) for g in max_gen_lengths]
-    if hasattr(strategy, "prepare"):  # strategies written for the original have no prepare/mark_done
-        strategy.prepare(batch, context_lengths=None if penalize_padding else context_lengths.view(batch, -1),
-                         init_scores=init_scores)
-    elif num_beams_in != 1 or max_gen_lengths is not None:
-        raise ValueError("num_beams_in and max_gen_lengths need a strategy with prepare() and mark_done()")
+    _start(strategy, batch, context_lengths, num_beams_in, init_scores, max_gen_lengths, penalize_padding)
     tokens = seqs.view(batch, num_beams_in, ctx)
     for b, budget in enumerate(budgets):
         if budget <= 0:  # no room: the element ends with its context as it is
@@ -63,29 +120,16 @@ def batch_filling_sequence(model, seqs: torch.Tensor, context_lengths, strategy,
         return strategy.finalize(tokens, None)
 
     with torch.inference_mode():
-        row_source = torch.arange(num_rows, device=device)  # which input sequence each current row continues
-        first = (context_lengths - 1).to(device)
-        if use_cache:
-            cache = KVCache(model, num_rows, total)
-            logits = model.forward_with_cache(seqs, position_ids[:, :ctx], attention_mask[:, :, :ctx, :ctx], cache,
-                                              logits_index=first)
-        else:
-            cache = None
-            logits = model(seqs, position_ids[:, :ctx], attention_mask[:, :, :ctx, :ctx])[0]
-            logits = logits[torch.arange(num_rows, device=logits.device), first.to(logits.device)].unsqueeze(1)
+        decoder = _Decoder(model, position_ids, attention_mask, use_cache)
+        logits = decoder.prefill(seqs, context_lengths)
         beams, step = num_beams_in, 0
         while True:
             tokens, _ = strategy.forward(logits.view(batch, beams, -1), tokens, None)
             step += 1
-            new_beams = tokens.shape[1]
-            beam_index = getattr(strategy, "beam_index", None)
-            if beam_index is not None:  # beams were selected/reordered: follow them
-                flat = (torch.arange(batch, device=device)[:, None] * beams + beam_index.to(device)).view(-1)
-                if not (new_beams == beams and torch.equal(flat, torch.arange(len(flat), device=device))):
-                    row_source = row_source.index_select(0, flat)
-                    if cache is not None:
-                        cache.reorder(flat)
-            beams = new_beams
+            flat = _selected_rows(strategy, batch, beams, tokens.shape[1], device)
+            if flat is not None:
+                decoder.reorder(flat)
+            beams = tokens.shape[1]
             for b, budget in enumerate(budgets):
                 if step == budget < max_gen:
                     strategy.mark_done(b, tokens)
@@ -93,13 +137,5 @@ def batch_filling_sequence(model, seqs: torch.Tensor, context_lengths, strategy,
                 callback(tokens, step)
             if strategy.is_done or step >= max_gen:
                 break
-            i = ctx + step - 1  # column of the newest token
-            if cache is not None:
-                new = tokens[..., -1].reshape(-1, 1).clamp_min(0)
-                logits = model.forward_with_cache(new, _rows(position_ids, row_source)[:, i:i + 1],
-                                                  _rows(attention_mask[:, :, i:i + 1, :i + 1], row_source), cache)
-            else:
-                flat_tokens = tokens.reshape(batch * beams, -1).clamp_min(0)
-                logits = model(flat_tokens, _rows(position_ids, row_source)[:, :i + 1],
-                               _rows(attention_mask[:, :, :i + 1, :i + 1], row_source))[0][:, -1:]
+            logits = decoder.step(tokens, ctx + step - 1)
         return strategy.finalize(tokens, None)

@@ -319,6 +319,48 @@ class BeamSearchStrategy:
         cand_scores, order = torch.sort(valid.gather(1, cand), dim=1, descending=True)
         return _broadcast(cand.gather(1, order)), _broadcast(cand_scores)
 
+    def _scores(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Cumulative log-prob of every (beam, next id): [B, nb * V]."""
+        scores = F.log_softmax(self._ban(logits, tokens), dim=-1)
+        if isinstance(self.cached_beam_scores, torch.Tensor):
+            scores = scores + self.cached_beam_scores.to(scores.device)[..., None]
+        return scores.view(scores.shape[0], -1)
+
+    def _keep(self, b: int, tokens: torch.Tensor, candidates) -> tuple:
+        """Walk element b's candidates (src beam, id, score) best first: end tokens finish a beam, the others
+        become the next live beams until num_beams are kept. Returns (srcs, ids, scores, n-gram bans)."""
+        srcs, toks, beam_scores, bans = [], [], [], []
+        for src, tok, score in candidates:
+            if not self._is_done[b] and tok in self.end_tokens:
+                beam = torch.cat([tokens[b, src], tokens.new_tensor([tok])])
+                self._add_end_beams(score, beam, b, self._pad_of(b, src))
+            elif len(srcs) < self.num_beams:
+                srcs.append(src)
+                toks.append(tok)
+                beam_scores.append(score)
+                if self.ngram > 0:
+                    ban = dict(self.cached_beam_ngram_bans[b][src])
+                    prefix = self._ngram_prefix(tokens[b, src])
+                    ban[prefix] = ban.get(prefix, ()) + (tok,)
+                    bans.append(ban)
+            else:
+                break
+        while len(srcs) < self.num_beams:  # only with a vocabulary smaller than the candidate count
+            srcs.append(srcs[-1] if srcs else 0)
+            toks.append(toks[-1] if toks else 0)
+            beam_scores.append(_DEAD_SCORE)
+            bans.append(dict(bans[-1]) if bans else {})
+        return srcs, toks, beam_scores, bans
+
+    def _update_done(self, seq_len: int) -> None:
+        """An element is done when num_beams beams finished and the worst beats every live beam's penalised score."""
+        for b in range(len(self.end_beams)):
+            if len(self.end_beams[b]) == self.num_beams and not self._is_done[b]:
+                live = max(self._beam_score(b, i) / self._penalty(seq_len + 1 - self._pad_of(b, i))
+                           for i in range(self.num_beams))
+                if self.end_beams_penalized_scores[b][-1] >= live:
+                    self._is_done[b] = True
+
     def forward(self, logits: torch.Tensor, tokens: torch.Tensor, mems: Optional[torch.Tensor] = None):
         """logits [B, nb, V], tokens [B, nb, T], mems None or [layers, B, nb, T, d] (the original's layout)
         -> (tokens [B, num_beams, T+1], mems); `beam_index` [B, num_beams] then holds each kept beam's source."""
@@ -326,43 +368,12 @@ class BeamSearchStrategy:
         seq_len = tokens.shape[-1]
         if self.length_generated == 0:
             self._set_padding(tokens)
-        logits = self._ban(logits, tokens)
-        scores = F.log_softmax(logits, dim=-1)
-        if isinstance(self.cached_beam_scores, torch.Tensor):
-            scores = scores + self.cached_beam_scores.to(scores.device)[..., None]
-        scores = scores.view(batch_size, num_beams * vocab)
         num_valid = vocab if num_beams < self.num_beams else num_beams * vocab  # first step: beam 0 only
-        cand, cand_scores = self._candidates(scores, num_valid)
+        cand, cand_scores = self._candidates(self._scores(logits, tokens), num_valid)
         src_beams = torch.div(cand, vocab, rounding_mode="trunc").tolist()
         cand_tokens, cand_scores = (cand % vocab).tolist(), cand_scores.tolist()
-
-        kept_src, kept_tok, kept_scores, kept_bans = [], [], [], []
-        for b in range(batch_size):
-            srcs, toks, beam_scores, bans = [], [], [], []
-            for src, tok, score in zip(src_beams[b], cand_tokens[b], cand_scores[b]):
-                if not self._is_done[b] and tok in self.end_tokens:
-                    beam = torch.cat([tokens[b, src], tokens.new_tensor([tok])])
-                    self._add_end_beams(score, beam, b, self._pad_of(b, src))
-                elif len(srcs) < self.num_beams:
-                    srcs.append(src)
-                    toks.append(tok)
-                    beam_scores.append(score)
-                    if self.ngram > 0:
-                        ban = dict(self.cached_beam_ngram_bans[b][src])
-                        prefix = self._ngram_prefix(tokens[b, src])
-                        ban[prefix] = ban.get(prefix, ()) + (tok,)
-                        bans.append(ban)
-                else:
-                    break
-            while len(srcs) < self.num_beams:  # only with a vocabulary smaller than the candidate count
-                srcs.append(srcs[-1] if srcs else 0)
-                toks.append(toks[-1] if toks else 0)
-                beam_scores.append(_DEAD_SCORE)
-                bans.append(dict(bans[-1]) if bans else {})
-            kept_src.append(srcs)
-            kept_tok.append(toks)
-            kept_scores.append(beam_scores)
-            kept_bans.append(bans)
+        kept = [self._keep(b, tokens, zip(src_beams[b], cand_tokens[b], cand_scores[b])) for b in range(batch_size)]
+        kept_src, kept_tok, kept_scores, kept_bans = (list(x) for x in zip(*kept))
 
         src = torch.tensor(kept_src, dtype=torch.long)  # [B, num_beams]
         new_tok = torch.tensor(kept_tok, dtype=tokens.dtype, device=tokens.device)
@@ -378,13 +389,7 @@ class BeamSearchStrategy:
         if self.ngram > 0:
             self.cached_beam_ngram_bans = kept_bans
         self.length_generated += 1
-
-        for b in range(batch_size):
-            if len(self.end_beams[b]) == self.num_beams and not self._is_done[b]:
-                live = max(self._beam_score(b, i) / self._penalty(seq_len + 1 - self._pad_of(b, i))
-                           for i in range(self.num_beams))
-                if self.end_beams_penalized_scores[b][-1] >= live:
-                    self._is_done[b] = True
+        self._update_done(seq_len)
         return tokens, mems
 
     def finalize(self, tokens: torch.Tensor, mems=None):
