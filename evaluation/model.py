@@ -8,7 +8,7 @@ Log-probabilities and losses are computed in fp32 from this rank's vocabulary sh
 model-parallel reductions, so the full 150528-wide logits are never gathered; at one rank this is exactly a
 full-vocabulary log-softmax. (The original took the log-softmax of the fp16 logits and summed in fp16.)
 """
-from typing import Dict, List, Sequence, Union
+from typing import List, Sequence, Union
 
 import torch
 

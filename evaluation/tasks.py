@@ -1,13 +1,11 @@
-"""Task classes: file groups, the evaluation loop, saved predictions and resume, and the original's report lines.
+"""Task classes: file groups and the evaluation loop (saved predictions and resume: evaluation/records.py; the
+original's report lines: evaluation/report.py).
 
 A task evaluates every data file of every group: model inputs are packed into micro-batches of similar length,
 the batches are dealt round-robin to the data-parallel ranks, and the per-input records are gathered back in data
 order. Records are what is saved (`predictions/<file>.jsonl`) and what the metrics are computed from, so a resumed
 file gives exactly the numbers of a fresh run.
 """
-import dataclasses
-import hashlib
-import json
 import os
 import time
 from abc import ABC, abstractmethod
@@ -24,11 +22,11 @@ from evaluation.configs import (BaseConfig, GenerationTaskConfig, LanguageModelT
 from evaluation.dataset import (EvaluationDataset, GenerationTaskDataset, LanguageModelTaskDataset,
                                 MultiChoiceTaskDataset)
 from evaluation.metrics import call_metric, decode_text, resolve_metrics
+from evaluation.records import RecordStore, config_dict, jsonable
+from evaluation.report import group_metrics, print_file_metrics, print_group_metrics
 from evaluation.utils import gather_records, is_rank_0, pack_by_length, print_rank_0, shard_batches
 from model import mpu
 from model.errors import UserError
-
-RECORDS_VERSION = 1
 
 
 @dataclass
@@ -40,22 +38,6 @@ class RunOptions:
     checkpoint: Any = None  # identity of the weights, part of the resume key
     progress: bool = True  # tqdm bar per file on rank 0
     config_path: Optional[str] = None  # the YAML the config came from (for error messages)
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return value.item()
-    if isinstance(value, TaskType):
-        return value.value
-    return value
-
-
-def config_dict(config: BaseConfig) -> Dict[str, Any]:
-    return _jsonable(dataclasses.asdict(config))
 
 
 def find_data_files(config: BaseConfig) -> Dict[str, List[str]]:
@@ -73,23 +55,6 @@ def find_data_files(config: BaseConfig) -> Dict[str, List[str]]:
         raise UserError(f"task {config.name}: no data file under {config.path} matches file_pattern ({shown}); "
                         f"see docs/evaluation-data.md")
     return groups
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-def group_statistics(values: List[Any], weights: List[int]) -> Any:
-    """max, median and sample-weighted average over files; dict/list metric values are summarised per key."""
-    if values and all(_is_number(v) for v in values):
-        return {"max": float(np.max(values)), "median": float(np.median(values)),
-                "average": float(np.average(values, weights=weights)) if sum(weights) else float("nan")}
-    if values and all(isinstance(v, dict) for v in values):
-        keys = [k for k in values[0] if all(k in v for v in values)]
-        return {k: group_statistics([v[k] for v in values], weights) for k in keys}
-    if values and all(isinstance(v, (list, tuple)) for v in values) and len({len(v) for v in values}) == 1:
-        return [group_statistics([v[i] for v in values], weights) for i in range(len(values[0]))]
-    return None
 
 
 class BaseTask(ABC):
@@ -110,6 +75,7 @@ class BaseTask(ABC):
         self.config.metrics = list(self.metrics.keys())
         self.file_groups = self.get_file_groups()
         self.verbose = is_rank_0()
+        self.store = RecordStore(self.task_dir())
 
     @property
     def metrics(self) -> Dict[str, Callable]:
@@ -151,7 +117,7 @@ class BaseTask(ABC):
                     self.report_group_metrics(group_name, result_dict_group)
             self.report_overall_metrics({k: v for group in result_dict_all.values() for k, v in group.items()})
             results = self.results_json(result_dict_all)
-            self.write_results(results)
+            self.store.write_results(results)
         print_rank_0(f"Finish task {self.config.name} in {time.time() - start:.1f}s.")
         return results
 
@@ -200,63 +166,32 @@ class BaseTask(ABC):
     def predictions_from_records(self, records: List[dict], dataset: EvaluationDataset) -> List[Any]:
         return [r[self.prediction_key] for r in records]
 
-    # ---- saved predictions and resume ---------------------------------------------------------------------------
+    # ---- saved predictions and resume (evaluation/records.py) ----------------------------------------------------
 
     def task_dir(self) -> Optional[str]:
         if self.options.output_path is None:
             return None
         return os.path.join(self.options.output_path, self.config.name.replace(os.sep, "_"))
 
-    def predictions_path(self, file: str) -> str:
-        return os.path.join(self.task_dir(), "predictions", file + ".jsonl")
-
     def resume_key(self, file: str) -> Optional[str]:
-        if self.task_dir() is None:
-            return None
-        st = os.stat(os.path.join(self.config.path, file))
-        identity = {"version": RECORDS_VERSION, "task_class": f"{type(self).__module__}.{type(self).__qualname__}",
+        identity = {"task_class": f"{type(self).__module__}.{type(self).__qualname__}",
                     "config": config_dict(self.config), "checkpoint": self.options.checkpoint,
-                    "limit": self.options.limit, "file": file, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-
-    def _state_path(self) -> str:
-        return os.path.join(self.task_dir(), "resume.json")
-
-    def _read_state(self) -> Dict[str, str]:
-        try:
-            with open(self._state_path(), encoding="utf-8") as f:
-                state = json.load(f)
-            return state if isinstance(state, dict) else {}
-        except (OSError, ValueError):
-            return {}
+                    "limit": self.options.limit, "file": file}
+        return self.store.resume_key(identity, os.path.join(self.config.path, file))
 
     def load_records(self, file: str, key: Optional[str]) -> Optional[List[dict]]:
-        """The saved records of `file` when they were made with the same key, else None."""
-        if key is None or self._read_state().get(file) != key:
-            return None
-        try:
-            with open(self.predictions_path(file), encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
-        except (OSError, ValueError):
-            return None
+        return self.store.load(file, key)
 
     def save_records(self, file: str, key: Optional[str], records: List[dict]) -> None:
-        if key is None:
-            return
-        path = self.predictions_path(file)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _write_atomic(path, "".join(json.dumps(_jsonable(r), ensure_ascii=False) + "\n" for r in records))
-        state = self._read_state()
-        state[file] = key
-        _write_atomic(self._state_path(), json.dumps(state, indent=1, sort_keys=True) + "\n")
+        self.store.save(file, key, records)
 
     def results_json(self, result_dict_all) -> Dict[str, Any]:
-        files = {file: {**_jsonable(result), "n": n}
+        files = {file: {**jsonable(result), "n": n}
                  for group in result_dict_all.values() for file, (result, n) in group.items()}
         groups = {name: self.calc_group_metrics(group) for name, group in result_dict_all.items() if group}
         results = {"task": self.config.name, "config": config_dict(self.config), "files": files, "groups": groups}
-        results["run"] = _jsonable({"checkpoint": self.options.checkpoint, "limit": self.options.limit,
-                                    "seed": self.options.seed})
+        results["run"] = jsonable({"checkpoint": self.options.checkpoint, "limit": self.options.limit,
+                                   "seed": self.options.seed})
         overall = self.overall_metrics({k: v for group in result_dict_all.values() for k, v in group.items()})
         if overall is not None:
             results["overall"] = overall
@@ -266,56 +201,20 @@ class BaseTask(ABC):
         """Statistics over the files of all groups for results.json (None: the task reports none)."""
         return None
 
-    def write_results(self, results: Dict[str, Any]) -> None:
-        if self.task_dir() is None:
-            return
-        os.makedirs(self.task_dir(), exist_ok=True)
-        _write_atomic(os.path.join(self.task_dir(), "results.json"), json.dumps(results, indent=2) + "\n")
-
-    # ---- reports (the original's lines) -------------------------------------------------------------------------
+    # ---- reports (the original's lines, evaluation/report.py; custom tasks override these hooks) -----------------
 
     def report_single_metrics(self, file: str, result_dict: Dict[str, Any]) -> None:
-        line = f"        Finish {file}"
-        for key, value in result_dict.items():
-            line += f", {key} = {value:.3f}"
-        print_rank_0(line)
+        print_file_metrics(file, result_dict)
 
     @staticmethod
     def calc_group_metrics(result_dict_group: Dict[str, Tuple[Dict[str, Any], int]]) -> Dict[str, Any]:
-        weights = [n for _, n in result_dict_group.values()]
-        names = list(next(iter(result_dict_group.values()))[0])
-        stats = {}
-        for name in names:
-            s = group_statistics([r[name] for r, _ in result_dict_group.values()], weights)
-            if s is not None:
-                stats[name] = s
-        return stats
+        return group_metrics(result_dict_group)
 
     def report_group_metrics(self, group_name: str, result_dict_group, level: int = 1) -> None:
-        stats = {k: v for k, v in self.calc_group_metrics(result_dict_group).items() if _is_stats(v)}
-        if len(stats) == 1:
-            name, s = next(iter(stats.items()))
-            print_rank_0("    " * level + f"Group {group_name} {name}: max = {s['max']:.3f}, "
-                         f"median = {s['median']:.3f}, average = {s['average']:.3f}")
-        else:
-            print_rank_0("    " * level + f"  Group {group_name}: ")
-            for name, s in stats.items():
-                print_rank_0("    " * (level + 1) + f"Metric {name}: max = {s['max']:.3f}, "
-                             f"median = {s['median']:.3f}, average = {s['average']:.3f}")
+        print_group_metrics(group_name, self.calc_group_metrics(result_dict_group), level)
 
     def report_overall_metrics(self, result_dict_all) -> None:
         pass
-
-
-def _is_stats(value) -> bool:
-    return isinstance(value, dict) and set(value) == {"max", "median", "average"}
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class MultiChoiceTask(BaseTask, ABC):

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from evaluation.metrics import (DEFAULT_METRICS, call_metric, f1_score, normalize_answer, qa_evaluate)
-from evaluation.tasks import MultiChoiceTask, group_statistics
+from evaluation.report import group_statistics
+from evaluation.tasks import MultiChoiceTask
 from tests.helpers import ROOT
 
 
