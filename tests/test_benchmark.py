@@ -5,7 +5,6 @@ No timing assertions: the figures depend on the machine and its other tenants.
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -48,26 +47,24 @@ def test_quick_mode_writes_all_figures(tmp_path, demo_dir):
 
 
 def test_flop_and_byte_arithmetic():
-    sys.path.insert(0, str(ROOT))
     import torch
-    import benchmark
+    from benchmarking import arithmetic
     from model import GLMConfig
     from tests.helpers import load_fixture_model
     cfg = GLMConfig(num_layers=32, hidden_size=1536, num_attention_heads=12, inner_hidden_size=4096, vocab_size=150528)
     per_layer = 4 * 1536 ** 2 + 3 * 4096 * 1536
-    assert benchmark.linear_params_per_layer(cfg) == per_layer
+    assert arithmetic.linear_params_per_layer(cfg) == per_layer
     n = 512
     expected = 2 * n * 32 * per_layer + 4 * 32 * n * n * 1536 + 2 * 3 * 1536 * 150528
-    assert benchmark.forward_flops(cfg, n, 3) == pytest.approx(expected)
+    assert arithmetic.forward_flops(cfg, n, 3) == pytest.approx(expected)
     model = load_fixture_model(torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
-    assert benchmark.weight_bytes(model) == 2 * params
+    assert arithmetic.weight_bytes(model) == 2 * params
 
 
 def test_synthetic_multiple_choice_batch_layout():
-    sys.path.insert(0, str(ROOT))
-    import benchmark
-    batch, rows = benchmark.synthetic_multiple_choice(2, 64)
+    from benchmarking.phases import synthetic_multiple_choice
+    batch, rows = synthetic_multiple_choice(2, 64)
     assert batch["tokens"].shape == (2, 64) and rows == 12
     mask = batch["attention_mask"][0, 0]  # True = blocked
     division = 64 - 12
@@ -87,3 +84,35 @@ def test_full_benchmark_on_bench_config(tmp_path):
     check_results(results, (512, 1024, 2048))
     assert results["config.num_layers"] == 32 and 1.0e9 < results["model.parameters"] < 1.3e9
     assert results["model.layer_fraction"] > 0.75
+
+
+def test_probes_skip_paths_too_slow_for_this_machine(monkeypatch):
+    """A matmul slower than SLOW_MATMUL_FLOP_PER_S at a small size (a fallback loop) is reported as unmeasured,
+    and no probe call predicted beyond the budget is run, so the benchmark finishes on any CPU."""
+    import torch
+    from benchmarking import probes
+    device = torch.device("cpu")
+    shapes = [(64, 64, 64), (4096, 4096, 8192)]
+    fast = probes.matmul_peak(device, torch.float32, shapes, 1, budget_s=0.05)
+    assert fast["64x64x64"] > 0 and fast["4096x4096x8192"] is None  # ~0.27 TFLOP: far beyond 0.05 s on 2 cores
+    monkeypatch.setattr(probes, "SLOW_MATMUL_FLOP_PER_S", float("inf"))
+    slow = probes.matmul_peak(device, torch.float32, shapes, 1)
+    assert slow == {"64x64x64": None, "4096x4096x8192": None} and probes.best(slow) is None
+
+
+def test_phases_over_budget_are_reported_not_run(monkeypatch, capsys):
+    import torch
+    from benchmarking import phases, report
+    from tests.helpers import load_fixture_model
+    model = load_fixture_model(torch.float32)
+    monkeypatch.setattr(phases, "PHASE_BUDGET_S", 0.0)
+    results = {}
+    phases.run_encode(model, [16, 32], torch.device("cpu"), results, model.config)
+    phases.run_eval(model, 1, 32, torch.device("cpu"), results, model.config, prefill_rate=1.0)
+    out = capsys.readouterr().out
+    assert "Encode 16: n/a" in out and "Encode 32: n/a" in out and "Evaluation: n/a" in out
+    assert not any(k.startswith(("prefill.", "eval.")) for k in results)
+    results.update({"machine.read_bandwidth_bytes_per_s": 1e9, "run.peak_rss_bytes": 1 << 30, "run.seconds": 1.0})
+    report.derive(results, {}, [], [16, 32], 1e9, None)
+    lines = report.summary_lines(results, [], [16, 32], "bfloat16", None)
+    assert "Prefill 16: MFU n/a" in lines and "Evaluation: n/a of the prefill FLOP rate" in lines
