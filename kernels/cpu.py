@@ -12,71 +12,37 @@ its per-op overhead costs as much again. This module provides
 * `decode_layers(x, bits, weights, ...)`: one token per sequence through every layer in one C++ call (RoPE +
   KV-cache append + attention, GeGLU, residual + LayerNorm fused); model/fast_decode.py plans and calls it.
 
-The C++ source (kernels/csrc/) is compiled on first use with torch.utils.cpp_extension (cached under
-$TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) when the CPU has AVX-512 with BF16. Without those, or
-with GLM_CPU_KERNELS=0, or if the build fails, `available()` is False (one warning) and the callers use PyTorch
-(and its weight-packed INT8/INT4 kernels, see quantization/matmul.py) instead.
+The C++ sources (kernels/csrc/) are compiled on first use, one library per instruction-set tier (kernels/build.py):
+"avx512bf16" (AVX-512 BF16 dot products), "avx512" (AVX-512F, fp32 FMA), "avx2" (AVX2 + FMA + F16C, fp32 FMA),
+cached under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). The best tier the CPU runs is loaded;
+GLM_CPU_KERNELS=avx2|avx512|avx512bf16 forces one, GLM_CPU_KERNELS=0 none. `tier()` names the loaded tier
+("none" when there is none); the choice is printed once to stderr. Every tier has the same ops, including the
+fused decode step. Without any (no AVX2, GLM_CPU_KERNELS=0, a failed build) `available()` is False and the callers
+use PyTorch (and its weight-packed INT8/INT4 kernels, see quantization/matmul.py) instead.
 The exact fp32 path of the model never uses these kernels.
 """
 import functools
 import os
-import sys
-import warnings
-from pathlib import Path
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
-_NAME = "glm_cpu_kernels"
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_gemv.cpp"
-_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
-_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c",
-           "-std=c++17", "-fopenmp"]
+from kernels import build
+
 MAX_GEMV_ROWS = 16  # more activation rows than this are a matrix multiply: F.linear / oneDNN is faster there
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _built() -> bool:
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-        return any(Path(_get_build_directory(_NAME, False)).glob("*.so"))
-    except Exception:  # a private helper of torch: if it moves, just skip the message
-        return True
+@functools.lru_cache(maxsize=None)
+def tier() -> str:
+    """The loaded kernel tier: "avx512bf16", "avx512", "avx2", or "none" (chosen, built and loaded on the first call)."""
+    return build.select_and_load(verbose=os.environ.get("GLM_CPU_KERNELS_VERBOSE") == "1")
 
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """True when the compiled kernels are loaded (built on the first call; later calls are free)."""
-    if os.environ.get("GLM_CPU_KERNELS", "1") == "0":
-        return False
-    missing = [f for f in _REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        warnings.warn(f"fast CPU decode kernels disabled: this CPU lacks {', '.join(missing)}; using PyTorch ops")
-        return False
-    try:
-        from torch.utils.cpp_extension import load
-        if not _built():
-            print("> Compiling the fast CPU kernels (once, about 20 s; cached under $TORCH_EXTENSIONS_DIR or "
-                  "~/.cache/torch_extensions)", file=sys.stderr, flush=True)
-        load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-             is_python_module=False,
-             verbose=os.environ.get("GLM_CPU_KERNELS_VERBOSE") == "1")
-    except Exception as e:  # no compiler, no ninja, ...: stay correct, just slower
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(f"fast CPU decode kernels unavailable ({first}); using PyTorch ops")
-        return False
-    return True
+    """True when compiled kernels are loaded (of any tier; later calls are free)."""
+    return tier() != build.NONE
 
 
 # ---------------------------------------------------------------------------------------------------------------

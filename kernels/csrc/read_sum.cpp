@@ -1,0 +1,48 @@
+// Sum of a large fp32 buffer, read the fastest way found on this machine (each thread reads kStreams separate
+// sequential streams with L2 prefetch, as the GEMV kernels read weights): the benchmark's read-bandwidth probe.
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "gemv.h"
+#include "ops.h"
+#include "simd.h"
+#include "thread_pool.h"
+
+namespace glm_cpu {
+
+double read_sum(const at::Tensor& x_in) {
+  using namespace simd;
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.is_contiguous(), "glm_cpu read_sum: contiguous fp32 expected");
+  const float* p = x_in.data_ptr<float>();
+  const int64_t n = x_in.numel(), line = 16;  // floats per cache line
+  const int64_t lines = n / line;
+  const int64_t chunk = (1 << 20) / 64;  // 1 MiB of lines per chunk
+  std::vector<double> partial((lines + chunk - 1) / chunk, 0.0);
+  auto line_sum = [](const float* q) {
+    VF s = loadu(q);
+    for (int j = kLanes; j < 16; j += kLanes) s = add(s, loadu(q + j));
+    return s;
+  };
+  parallel_chunks(lines, chunk, [&](int64_t l0, int64_t l1) {
+    const int64_t sub = (l1 - l0) / kStreams;
+    VF a[kStreams];
+    for (int s = 0; s < kStreams; ++s) a[s] = zero();
+    for (int64_t i = 0; i < sub; ++i)
+      for (int s = 0; s < kStreams; ++s) {
+        const float* q = p + (l0 + s * sub + i) * line;
+        prefetch(q);
+        a[s] = add(a[s], line_sum(q));
+      }
+    double t = 0.0;
+    for (int s = 0; s < kStreams; ++s) t += reduce_add(a[s]);
+    for (int64_t l = l0 + kStreams * sub; l < l1; ++l) t += reduce_add(line_sum(p + l * line));
+    partial[l0 / chunk] = t;
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  for (int64_t i = lines * line; i < n; ++i) total += p[i];
+  return total;
+}
+
+}  // namespace glm_cpu
