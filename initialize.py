@@ -17,6 +17,7 @@ import torch.distributed as dist
 from model import GLM130B, GLMConfig, mpu
 from model.checkpoint import load_checkpoint
 from model.errors import UserError
+from quantization import checkpoint_preparer, quantize
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -140,12 +141,11 @@ def build_model(args) -> GLM130B:
     config = GLMConfig.from_args(args)
     model = GLM130B(config, dtype=args.params_dtype, device="meta", attention=args.attention)
     if args.quantization_bit_width:  # set up the int8 storage first; the loader fills (or quantizes) it
-        from quantization import quantize
         quantize(model, args.quantization_bit_width)
     if args.load is None:
         raise UserError("no checkpoint given: pass --load <folder> (or source a configs/*.sh that sets it)")
     load_checkpoint(model, args.load, mpu.get_model_parallel_rank(), args.model_parallel_size, args.device,
-                    args.quantization_bit_width, args.from_quantized_checkpoint)
+                    checkpoint_preparer(args.quantization_bit_width, args.from_quantized_checkpoint))
     return model.eval()
 
 

@@ -2,7 +2,7 @@
 import os
 import re
 import warnings
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -92,13 +92,13 @@ def check_state_dict(expected: Dict[str, torch.Tensor], found: Dict[str, torch.T
 
 
 def load_checkpoint(model: torch.nn.Module, load_dir: str, model_parallel_rank: int, model_parallel_size: int,
-                    device="cpu", quantization_bit_width=None, from_quantized_checkpoint=False) -> str:
+                    device="cpu", prepare_shard: Optional[Callable[[Dict[str, torch.Tensor], str], Dict]] = None) -> str:
     """Load this rank's shard into `model` (which may live on the meta device). Returns the shard path.
 
     Tensors are memory-mapped and assigned without a copy when dtype and device already match, so peak host RAM
-    stays near one shard. With a bit width the model must already be quantized (quantization.quantize on the meta
-    model); a 16-bit shard is then quantized from the checkpoint's own fp16 values before any dtype cast, so
-    quantize-on-load equals loading a checkpoint converted by tools/convert_tp.py, bit for bit, in every dtype.
+    stays near one shard. prepare_shard(state_dict, path) sees the shard's raw tensors first and returns what is
+    loaded: quantization.checkpoint_preparer checks a quantized shard against the flags and quantizes a 16-bit one
+    from the checkpoint's own fp16 values before any dtype cast (the model must then be quantized already).
     """
     shards = list_shards(load_dir)
     if len(shards) != model_parallel_size:
@@ -108,10 +108,8 @@ def load_checkpoint(model: torch.nn.Module, load_dir: str, model_parallel_rank: 
                         f"--target-tp {model_parallel_size}")
     path = shards[model_parallel_rank]
     found = load_shard_state_dict(path)
-    if quantization_bit_width or from_quantized_checkpoint or any(k.endswith(".weight_scale") for k in found):
-        from quantization import check_quantization_matches, quantize_state_dict
-        if check_quantization_matches(found, quantization_bit_width, from_quantized_checkpoint, path) is None:
-            found = quantize_state_dict(found, quantization_bit_width)
+    if prepare_shard is not None:
+        found = prepare_shard(found, path)
     expected = model.state_dict()
     check_state_dict(expected, found, path)
     loaded = {}

@@ -10,7 +10,7 @@ The original computes this on the GPU with fp16 tensors. Both divisions there ro
   quotient because fp32 carries more than 2·11+2 bits (double rounding is innocuous there).
 So the fp32 arithmetic below reproduces the original on any device.
 """
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -132,3 +132,16 @@ def check_quantization_matches(state_dict: Dict[str, torch.Tensor], bits: Option
         raise UserError(f"{path} holds INT{found} weights but --quantization-bit-width is {bits}; "
                         f"pass --quantization-bit-width {found}")
     return found
+
+
+def checkpoint_preparer(bits: Optional[int], from_quantized: bool) -> Callable[[Dict[str, torch.Tensor], str], Dict]:
+    """The loader's `prepare_shard` for --quantization-bit-width / --from-quantized-checkpoint: a quantized shard
+    must match the flags (one-line UserError otherwise); a 16-bit shard is quantized on load when bits are given,
+    so quantize-on-load equals loading a checkpoint converted by tools/convert_tp.py, bit for bit, in every dtype."""
+    def prepare(state_dict: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.Tensor]:
+        if not (bits or from_quantized or any(k.endswith(".weight_scale") for k in state_dict)):
+            return state_dict
+        if check_quantization_matches(state_dict, bits, from_quantized, path) is None:
+            return quantize_state_dict(state_dict, bits)
+        return state_dict
+    return prepare

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from model.errors import UserError
-from quantization import (check_quantization_matches, dequantize, fp16_linear_bytes, pack_int4, quantize,
-                          quantize_state_dict, quantize_weight, quantized_linear_bytes, unpack_int4)
+from quantization import (check_quantization_matches, checkpoint_preparer, dequantize, fp16_linear_bytes, pack_int4,
+                          quantize, quantize_state_dict, quantize_weight, quantized_linear_bytes, unpack_int4)
 from quantization.layers import QuantizedLinearMixin
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "sat-parity-tiny"
@@ -227,9 +227,9 @@ def test_quantized_checkpoint_path_equals_quantize_on_load(bits, tmp_path):
     assert list(mine) == list(shard) and all(torch.equal(mine[k], shard[k]) for k in shard)
     for dtype in (torch.float32, torch.bfloat16):
         converted = quantize(GLM130B(fixture_config(), dtype=dtype, device="meta"), bits)
-        load_checkpoint(converted, str(out), 0, 1, quantization_bit_width=bits, from_quantized_checkpoint=True)
+        load_checkpoint(converted, str(out), 0, 1, prepare_shard=checkpoint_preparer(bits, True))
         on_load = quantize(GLM130B(fixture_config(), dtype=dtype, device="meta"), bits)
-        load_checkpoint(on_load, str(FIXTURE / "ckpt"), 0, 1, quantization_bit_width=bits)
+        load_checkpoint(on_load, str(FIXTURE / "ckpt"), 0, 1, prepare_shard=checkpoint_preparer(bits, False))
         for (k, a), (k2, b) in zip(converted.state_dict().items(), on_load.state_dict().items()):
             assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
         for a, b in zip(fixture_logits(converted), fixture_logits(on_load)):
@@ -237,5 +237,5 @@ def test_quantized_checkpoint_path_equals_quantize_on_load(bits, tmp_path):
     # quantizing an already loaded model (the original's order) agrees in fp32, where the cast from fp16 is exact
     after = quantize(load_fixture_model(torch.float32), bits)
     converted = quantize(GLM130B(fixture_config(), dtype=torch.float32, device="meta"), bits)
-    load_checkpoint(converted, str(out), 0, 1, quantization_bit_width=bits, from_quantized_checkpoint=True)
+    load_checkpoint(converted, str(out), 0, 1, prepare_shard=checkpoint_preparer(bits, True))
     assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), after.state_dict().values()))
