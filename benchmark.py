@@ -83,7 +83,8 @@ def run_config(args, plan: Plan) -> dict:
             "config.dtype16": args.dtype16 or plan.dtype_name, "config.quick": args.quick,
             "machine.device": str(args.device), "machine.threads": torch.get_num_threads(),
             "machine.cpu_count": os.cpu_count(), "machine.torch": torch.__version__,
-            "machine.fast_cpu_kernels": args.device.type == "cpu" and cpu.available()}
+            "machine.fast_cpu_kernels": args.device.type == "cpu" and cpu.available(),
+            "cpu.kernel_tier": cpu.tier() if args.device.type == "cpu" else "none"}
 
 
 def run(args, plan: Plan, results: dict):

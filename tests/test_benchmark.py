@@ -44,6 +44,8 @@ def test_quick_mode_writes_all_figures(tmp_path, demo_dir):
     results = json.loads(out.read_text())
     check_results(results, (128, 512))
     assert results["config.quick"] is True and results["config.num_layers"] == 4
+    from kernels import cpu
+    assert results["cpu.kernel_tier"] == cpu.tier()  # the subprocess chose as this one does (same CPU and env)
 
 
 def test_flop_and_byte_arithmetic():

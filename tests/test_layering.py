@@ -1,0 +1,34 @@
+"""The package layers (docs/architecture.md): kernels ← model ← quantization ← generation ← evaluation / server ←
+entry scripts; no module imports a package above its own layer (checked on the source, every import statement,
+including those inside functions)."""
+import ast
+
+from tests.helpers import ROOT
+
+LAYER = {"kernels": 0, "model": 1, "quantization": 2, "generation": 3, "evaluation": 4, "server": 4,
+         "benchmarking": 5, "tools": 5, "tasks": 5}
+ENTRY_SCRIPTS = {"initialize", "generate", "evaluate", "benchmark", "server"}
+
+
+def imported_packages(path):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            yield from (a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module.split(".")[0]
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = []
+    for package, level in LAYER.items():
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for name in set(imported_packages(path)):
+                if LAYER.get(name, -1) > level or (name in ENTRY_SCRIPTS and level < 5):
+                    upward.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not upward, upward
+
+
+def test_kernels_export_tensor_ops_only():
+    for path in sorted((ROOT / "kernels").rglob("*.py")):
+        names = set(imported_packages(path))
+        assert not names & {"model", "quantization", "generation", "evaluation"}, path
