@@ -8,11 +8,17 @@ class UserError(Exception):
 
 
 def main_entry(fn):
-    """Wrap a script's main(): a UserError prints `error: <message>` on stderr and exits with status 2."""
+    """Wrap a script's main(): a UserError prints `error: <message>` on stderr and exits with status 2.
+
+    Whatever way main() ends, torch.distributed (if it was initialised) is destroyed before the interpreter exits,
+    after a final barrier when main() returned (model/mpu.py destroy_model_parallel says why every process needs it).
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from model import mpu  # here, not at the top: model/__init__ imports modules that import this one
         try:
-            return fn(*args, **kwargs)
+            with mpu.destroy_model_parallel_at_exit():
+                return fn(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)

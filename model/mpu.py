@@ -4,7 +4,8 @@ Model-parallel groups are consecutive ranks [k*MP, (k+1)*MP); data-parallel grou
 `rank % MP`. Every function is a no-op (or the identity) when torch.distributed is not initialised or the group
 has one rank, so TP=1, gloo and NCCL share one code path.
 """
-from typing import Any, List, Optional
+import contextlib
+from typing import Any, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,43 @@ def initialize_model_parallel(model_parallel_size: int) -> None:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def destroy_model_parallel(barrier: bool = True) -> None:
+    """Tear torch.distributed down before the interpreter exits (a no-op when it was never initialised).
+
+    Every process that initialised torch.distributed must call this at exit: gloo's worker threads drop their last
+    reference to a finished collective (and to its tensors) a moment after the collective returns, and dropping a
+    tensor that still has a Python object takes the GIL. If the interpreter is already finalising by then, Python
+    ends that thread with pthread_exit inside a C++ destructor and the process dies with "terminate called without
+    an active exception" (SIGABRT), at random, more often on a loaded machine. destroy_process_group, with no
+    Python references to the groups left, destroys the process groups and joins their threads while the interpreter
+    is still whole. `barrier` first waits for every rank to get here (the normal end of a run, so no rank tears down
+    its connections while another still uses them); pass False on an error path, where the other ranks may never
+    reach a barrier.
+    """
+    global _MP_GROUP, _DP_GROUP, _MP_SIZE
+    _MP_GROUP = _DP_GROUP = None  # the last Python references to the subgroups: their destructors run below
+    _MP_SIZE = 1
+    if not _distributed():
+        return
+    try:
+        if barrier:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def destroy_model_parallel_at_exit() -> Iterator[None]:
+    """`with` body runs an entry point; on the way out torch.distributed is destroyed (see destroy_model_parallel):
+    after a final barrier when the body returned, without one when it raised (the exception then propagates)."""
+    try:
+        yield
+    except BaseException:
+        destroy_model_parallel(barrier=False)
+        raise
+    destroy_model_parallel(barrier=True)
 
 
 def get_model_parallel_group():

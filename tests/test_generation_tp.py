@@ -96,4 +96,5 @@ def test_tp2_generation_equals_tp1_and_ranks_agree(tmp_path, test_tokenizer_path
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2])
+    from model.errors import main_entry
+    main_entry(worker)(sys.argv[1], sys.argv[2])  # destroys the process group at exit, as the entry scripts do

@@ -9,11 +9,13 @@ import torch  # noqa: E402
 
 from initialize import initialize  # noqa: E402
 from model import mpu  # noqa: E402
+from model.errors import main_entry  # noqa: E402
 from model.mpu import vocab_parallel_cross_entropy  # noqa: E402
 from tests.helpers import CASES, case_inputs, fixture_cases, fixture_model_args, load_fixture_model  # noqa: E402
 from tests.test_model_parity import _greedy_steps  # noqa: E402
 
 
+@main_entry  # destroys the process group before exit, as the entry scripts do
 def main(out):
     initialize(argv=fixture_model_args(mp=2))
     model = load_fixture_model(ckpt="ckpt_tp2", mp_rank=mpu.get_model_parallel_rank(), mp_size=2)
