@@ -37,7 +37,10 @@ def find_all_tasks(entries: List[str]) -> List[str]:
     found = []
     for entry in entries:
         if os.path.isdir(entry):
-            found.extend(sorted(os.path.relpath(p) for p in glob(os.path.join(entry, "**", "*.yaml"), recursive=True)))
+            yamls = sorted(os.path.relpath(p) for p in glob(os.path.join(entry, "**", "*.yaml"), recursive=True))
+            if not yamls:
+                raise UserError(f"--task {entry}: no task YAML (*.yaml) in this folder or below it")
+            found.extend(yamls)
         elif os.path.isfile(entry):
             found.append(entry)
         else:

@@ -70,8 +70,21 @@ def validate_generation_args(args) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    if args.input_source != "interactive" and not os.path.isfile(args.input_source):
-        raise UserError(f"--input-source {args.input_source!r} is neither 'interactive' nor a readable file")
+    if args.input_source != "interactive":
+        if not os.path.isfile(args.input_source):
+            raise UserError(f"--input-source {args.input_source!r} is neither 'interactive' nor a readable file")
+        if not any(line.strip() for line in read_input_lines(args.input_source)):  # before the model loads
+            raise UserError(f"--input-source {args.input_source} has no prompts (it is empty or holds only blank "
+                            f"lines): nothing to generate")
+
+
+def read_input_lines(path: str) -> List[str]:
+    """The lines of an --input-source file; UserError when it cannot be read as UTF-8 text."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --input-source {path}: {e}") from None
 
 
 def build_strategy(args, tokenizer):
@@ -202,11 +215,7 @@ def interactive(gen: Generator) -> None:
 
 def from_file(gen: Generator) -> None:
     """Line n goes to data-parallel replica n % dp_size; each replica decodes its lines in batches."""
-    try:
-        with open(gen.args.input_source, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read --input-source {gen.args.input_source}: {e}") from None
+    lines = read_input_lines(gen.args.input_source)
     dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
     show = mpu.get_model_parallel_rank() == 0
     failed, batch = 0, []

@@ -181,3 +181,25 @@ def test_command_line_error_has_no_traceback(tmp_path, test_tokenizer_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith(f"error: {bad}: malformed YAML") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_task_folder_without_yaml_is_an_error(tmp_path, test_tokenizer_path, demo_dir):
+    """--task DIR with no *.yaml under it stops with one line naming the folder, before the model loads (it used
+    to print "Finish 0 task(s)" and exit 0); the same through scripts/evaluate.sh, whose exit status is evaluate.py's."""
+    from tests.test_generation_cli import demo_env
+    empty = tmp_path / "no-tasks"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("not a task\n")
+    message = f"error: --task {empty}: no task YAML (*.yaml) in this folder or below it"
+    proc = subprocess.run([sys.executable, "evaluate.py", "--data-path", str(EVAL_DATA), "--task", str(empty),
+                           *model_argv(test_tokenizer_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == message and "Traceback" not in proc.stdout + proc.stderr
+    assert "Model initialized" not in proc.stdout and "Finish" not in proc.stdout
+    # the script tees its output (stderr included) to stdout and logs/; run it elsewhere so logs/ lands in tmp_path
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "evaluate.sh"), str(empty)], cwd=tmp_path,
+                          env={**demo_env(demo_dir), "DATA_PATH": str(EVAL_DATA)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert message in proc.stdout.splitlines() and "Traceback" not in proc.stdout + proc.stderr
+    assert "Model initialized" not in proc.stdout and "Finish" not in proc.stdout

@@ -5,6 +5,7 @@ import re
 import select
 import shlex
 import subprocess
+import sys
 import time
 
 import pytest
@@ -168,3 +169,20 @@ def test_output_file_names(tmp_path):
     open(first, "w").close()
     second = generate.output_file(str(tmp_path), None, "a/b/c " * 10)
     assert second != first  # a name taken in the same second gets -1 instead of being overwritten
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\t\n"], ids=["empty", "blank-lines"])
+def test_input_source_without_prompts_is_an_error(tmp_path, demo_dir, content):
+    """A file with no prompts stops with one line and exit status 2 (not 0): a batch script running generate.py on
+    a file it produced should notice that nothing was generated. It stops before the model loads."""
+    source = tmp_path / "prompts.txt"
+    source.write_text(content, encoding="utf-8")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "generate.py", *demo_model_args(demo_dir), "--input-source", str(source),
+                           "--output-path", str(out)], cwd=ROOT, env=demo_env(demo_dir), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"error: --input-source {source} has no prompts (it is empty or holds only blank "
+                                   f"lines): nothing to generate")
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "Model initialized" not in proc.stdout and not out.exists()  # the model was never loaded
