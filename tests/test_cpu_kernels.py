@@ -1,14 +1,23 @@
-"""kernels/cpu.py's ops against fp32 references on random data (tails, odd sizes, masks, every scale dtype).
+"""kernels/cpu.py's ops against fp32 references on random data (tails, odd sizes, masks, every scale dtype), on
+every kernel tier this CPU runs, and how the tier is chosen.
 
-Skipped where the kernels cannot be built on this CPU (the callers then use PyTorch).
+Only one tier loads per process: the op tests run here on the tier this process got (the best one, or the one
+GLM_CPU_KERNELS names), and `test_other_tier` reruns this file in a subprocess under GLM_CPU_KERNELS=<tier> for each
+other tier the CPU supports (built once, cached). Op tests are skipped where no tier can be built.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu
+from kernels import build, cpu
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="fast CPU kernels unavailable on this machine")
+ROOT = Path(__file__).resolve().parent.parent
+needs_kernels = pytest.mark.skipif(not cpu.available(), reason="fast CPU kernels unavailable on this machine")
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -28,6 +37,7 @@ def assert_close_bf16(out, ref, what, rtol=1e-2):
 # ---------------------------------------------------------------------------------------------------------------
 # Matrix x vector
 
+@needs_kernels
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 11, 16])
 @pytest.mark.parametrize("k", [64, 100, 1536])
 def test_gemv_bf16(m, k):
@@ -40,6 +50,7 @@ def test_gemv_bf16(m, k):
     assert_close_bf16(cpu.gemv_bf16(x.view(m, 1, k), w).view(m, n), ref - b.float(), "no bias, 3-D x")
 
 
+@needs_kernels
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 16])  # 1-2 rows use the nibble decoder, more the conversion one
 @pytest.mark.parametrize("k", [64, 100, 4096])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -55,6 +66,7 @@ def test_gemv_int8(m, k, scale_dtype):
     assert_close_bf16(cpu.gemv_int8(x, q, scale, b), ref, f"gemv_int8 m={m} k={k}")
 
 
+@needs_kernels
 @pytest.mark.parametrize("m", [1, 2, 5, 16])
 @pytest.mark.parametrize("k", [64, 100, 4096])
 def test_gemv_int4(m, k):
@@ -71,6 +83,7 @@ def test_gemv_int4(m, k):
     assert_close_bf16(cpu.gemv_int4(x, packed, scale), ref, f"gemv_int4 m={m} k={k}")
 
 
+@needs_kernels
 def test_linear_fallback_and_weight_only_routing(monkeypatch):
     """linear() leaves inputs the kernels do not take (fp32, more than MAX_GEMV_ROWS rows) to F.linear;
     quantization.weight_only_linear sends decode-sized bf16 inputs in the stored layout to the GEMV kernels."""
@@ -92,6 +105,7 @@ def test_linear_fallback_and_weight_only_routing(monkeypatch):
     assert calls == [8, 4]
 
 
+@needs_kernels
 def test_read_bandwidth_probe_sums():
     x = torch.rand(1_000_003)
     assert cpu.read_bandwidth_probe(x) == pytest.approx(float(x.double().sum()), rel=1e-5)
@@ -105,6 +119,7 @@ def rope_reference(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+@needs_kernels
 @pytest.mark.parametrize("d", [16, 128])
 def test_decode_attention(d):
     b, heads, t, pos = 3, 4, 40, 29
@@ -133,6 +148,7 @@ def test_decode_attention(d):
     assert torch.equal(k_cache[:, :, :pos], k_before[:, :, :pos]) and torch.equal(k_cache[:, :, pos + 1:], k_before[:, :, pos + 1:])
 
 
+@needs_kernels
 def test_geglu_and_add_layernorm():
     u = randn(3, 1, 2 * 300, dtype=torch.bfloat16) * 3
     a, g = u.float().chunk(2, dim=-1)
@@ -144,3 +160,140 @@ def test_geglu_and_add_layernorm():
     assert_close_bf16(torch.ops.glm_cpu.add_layernorm(x, r, 2.5, w, b, 1e-5), ref, "add_layernorm")
 
 
+
+
+def _layer_reference(x, bits, w, scales, biases, norms, alpha, eps, k_cache, v_cache, pos, cos, sin, mask, heads):
+    """decode_layers in fp32 torch ops from the same (dequantized) weights and caches."""
+    from quantization.functional import unpack_int4
+    b, d = x.shape[0], cos.shape[-1]
+
+    def linear(j, inp):
+        q = w[j] if bits == 16 else (unpack_int4(w[j]) if bits == 4 else w[j])
+        weight = q.float() * (1.0 if bits == 16 else scales[j].float()[:, None])
+        return inp @ weight.t() + biases[j].float()
+
+    x = x.float()
+    new_k, new_v = [], []
+    for i in range(len(k_cache)):
+        qkv = linear(4 * i, x).view(b, 1, heads, 3 * d).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+        keys = torch.cat([k_cache[i].float()[:, :, :pos], k], dim=2)
+        values = torch.cat([v_cache[i].float()[:, :, :pos], v], dim=2)
+        scores = (q @ keys.transpose(-1, -2)) / d ** 0.5
+        scores = scores.masked_fill(mask.view(-1, 1, 1, pos + 1), -1e30)
+        ctx = (torch.softmax(scores, -1) @ values).transpose(1, 2).reshape(b, 1, heads * d)
+        new_k.append(k[:, :, 0])
+        new_v.append(v[:, :, 0])
+        y = F.layer_norm(x * alpha + linear(4 * i + 1, ctx), x.shape[-1:], norms[4 * i].float(), norms[4 * i + 1].float(), eps)
+        a, g = linear(4 * i + 2, y).chunk(2, dim=-1)
+        x = F.layer_norm(y * alpha + linear(4 * i + 3, a * F.gelu(g)), x.shape[-1:], norms[4 * i + 2].float(),
+                         norms[4 * i + 3].float(), eps)
+    return x, new_k, new_v
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("b", [1, 3])
+def test_decode_layers(bits, b):
+    """The fused all-layers decode step against fp32 torch ops: output and the keys / values it appends."""
+    from quantization.functional import pack_int4
+    layers, heads, d, hidden, inner, t, pos, alpha, eps = 2, 2, 32, 64, 96, 12, 7, 1.7, 1e-5
+    shapes = [(3 * hidden, hidden), (hidden, hidden), (2 * inner, hidden), (hidden, inner)]
+    weights, scales, biases, norms = [], [], [], []
+    for _ in range(layers):
+        for n, k in shapes:
+            if bits == 16:
+                weights.append((randn(n, k) * k ** -0.5).bfloat16())
+                scales.append(torch.ones(n))
+            else:
+                top = 127 if bits == 8 else 7
+                q = torch.randint(-top - 1, top + 1, (n, k), generator=GEN, dtype=torch.int8)
+                weights.append(q if bits == 8 else pack_int4(q))
+                scales.append((torch.rand(n, generator=GEN) * 2 / (top * k ** 0.5)).half())
+            biases.append((randn(n) * 0.1).bfloat16())
+        norms += [(1 + 0.1 * randn(hidden)).bfloat16(), (0.1 * randn(hidden)).bfloat16()] * 2
+    x = randn(b, 1, hidden, dtype=torch.bfloat16)
+    k_cache = [randn(b, heads, t, d, dtype=torch.bfloat16) for _ in range(layers)]
+    v_cache = [randn(b, heads, t, d, dtype=torch.bfloat16) for _ in range(layers)]
+    k_before, v_before = [c.clone() for c in k_cache], [c.clone() for c in v_cache]
+    angles = randn(b, 1, 1, d // 2) * 3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    mask = torch.zeros(b, pos + 1, dtype=torch.bool)
+    mask[-1, 2:4] = b > 1  # the last row hides two cached positions
+    out = cpu.decode_layers(x, bits, weights, [] if bits == 16 else scales, biases, norms, alpha, eps, k_cache,
+                            v_cache, pos, cos, sin, mask)
+    ref, new_k, new_v = _layer_reference(x, bits, weights, scales, biases, norms, alpha, eps, k_before, v_before,
+                                         pos, cos, sin, mask, heads)
+    assert out.shape == (b, 1, hidden) and out.dtype == torch.bfloat16
+    assert_close_bf16(out, ref, f"decode_layers bits={bits}", rtol=4e-2)
+    for i in range(layers):
+        assert_close_bf16(k_cache[i][:, :, pos], new_k[i], "appended key", rtol=4e-2)
+        assert_close_bf16(v_cache[i][:, :, pos], new_v[i], "appended value", rtol=4e-2)
+        assert torch.equal(k_cache[i][:, :, :pos], k_before[i][:, :, :pos])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which tier loads
+
+def test_choose_tier():
+    bf16_cpu = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
+    avx512_cpu = bf16_cpu - {"avx512_bf16"}
+    avx2_cpu = {"avx2", "fma", "f16c"}
+    choose = build.choose_tier
+    assert choose(None, bf16_cpu) == ("avx512bf16", None)
+    assert choose("1", avx512_cpu) == ("avx512", None)
+    assert choose("auto", avx2_cpu) == ("avx2", None)
+    assert choose("0", bf16_cpu) == ("none", None)
+    assert choose("avx2", bf16_cpu) == ("avx2", None)
+    assert choose("avx512", bf16_cpu) == ("avx512", None)
+    tier, warning = choose("avx512bf16", avx512_cpu)  # forced beyond the CPU: the best lower tier, one warning
+    assert tier == "avx512" and "avx512_bf16" in warning and "using avx512" in warning
+    tier, warning = choose("avx512", avx2_cpu)
+    assert tier == "avx2" and "avx512f" in warning
+    tier, warning = choose("avx2", {"sse2"})
+    assert tier == "none" and "PyTorch" in warning
+    tier, warning = choose(None, {"sse2"})
+    assert tier == "none" and "avx2" in warning
+    tier, warning = choose("avx9000", avx2_cpu)
+    assert tier == "avx2" and "not one of" in warning
+
+
+def test_requested_tier_is_the_loaded_one():
+    """Under GLM_CPU_KERNELS=<tier> (the subprocess runs below) the tier asked for is the one loaded."""
+    request = os.environ.get("GLM_CPU_KERNELS", "")
+    expected = build.choose_tier(request, build.cpu_flags())[0]
+    assert cpu.tier() == expected
+    assert cpu.available() == (expected != "none")
+    if expected != "none":
+        assert torch.ops.glm_cpu.tier() == expected
+
+
+def _run(code_or_args, tier, timeout=600):
+    env = dict(os.environ, GLM_CPU_KERNELS=tier, GLM_CPU_KERNELS_SUBRUN="1")
+    return subprocess.run([sys.executable, *code_or_args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_disabled_by_environment():
+    proc = _run(["-c", "from kernels import cpu; import torch; print(cpu.available(), cpu.tier(), "
+                       "hasattr(torch.ops.glm_cpu, 'gemv_bf16'))"], "0", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "none", "False"]
+    assert "> CPU kernels: none" in proc.stderr and "Compiling" not in proc.stderr
+
+
+OTHER_TIERS = [t for t in build.TIERS if build.supported(t, build.cpu_flags())]
+
+
+@pytest.mark.skipif(os.environ.get("GLM_CPU_KERNELS_SUBRUN") == "1", reason="already a per-tier run")
+@pytest.mark.parametrize("tier", OTHER_TIERS or ["none"])
+def test_other_tier(tier):
+    """This file's op tests on every other tier this CPU runs, each in its own process (one tier per process)."""
+    if tier == "none":
+        pytest.skip("this CPU runs no kernel tier")
+    if tier == cpu.tier():
+        pytest.skip(f"{tier} is this process's tier: the tests above ran on it")
+    proc = _run(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__).resolve())], tier)
+    assert proc.returncode == 0, f"tier {tier}:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert " passed" in proc.stdout, proc.stdout[-2000:]

@@ -67,8 +67,10 @@ template <> struct Layout<Format::INT4> {
   template <int p> static inline VF weights(VI v) { return cvt_i32(and_i(v, set1i(int32_t(0xFu << (4 * p))))); }
 };
 
+#define GLM_ALWAYS_INLINE __attribute__((always_inline))
+
 template <class Fn, int... P>
-inline void for_each_phase(const Fn& fn, std::integer_sequence<int, P...>) {
+GLM_ALWAYS_INLINE inline void for_each_phase(const Fn& fn, std::integer_sequence<int, P...>) {
   (fn(std::integral_constant<int, P>{}), ...);
 }
 
@@ -130,10 +132,10 @@ struct FmaKernel {
       for (int m = 0; m < M; ++m)
         for (int u = 0; u < U; ++u) acc[r][m][u] = zero();
     const VI flip = set1i(L::kXor);
-    auto step = [&](const VI* v, int64_t b) {
+    auto step = [&](const VI* v, int64_t b) GLM_ALWAYS_INLINE {
       const float* xb[M];
       for (int m = 0; m < M; ++m) xb[m] = xs.x[m0 + m] + b * (P * W);
-      for_each_phase([&](auto pc) {
+      for_each_phase([&](auto pc) GLM_ALWAYS_INLINE {
         constexpr int p = decltype(pc)::value;
         VF wv[R];
         for (int r = 0; r < R; ++r) wv[r] = L::template weights<p>(v[r]);
