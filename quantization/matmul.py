@@ -11,21 +11,27 @@ in the high nibble) plus an fp16 scale per row. At run time:
   weight layout differs: `to_cpu_int4` repacks once at load into it (the only resident copy; `from_cpu_int4` gives
   the original bytes back for state_dict) and `int4_scales_and_zeros` gives its group-wise (scale, zero) table.
   That kernel computes (u - 8) · scale + zero for the unsigned nibble u, so u = q + 8 and zero = 0 give q · scale.
-- Everything else (more rows = prefill, fp16/fp32 activations, CUDA): dequantize into the activation dtype, then a
-  dense GEMM (at prefill the dequantization is a few percent of the GEMM; fp16 is then exactly the original's path).
+- CUDA, fp16/bf16 activations, the stored layout, triton installed: the fused Triton kernels of
+  kernels/triton_matmul.py (read the integer weights once, dequantize in registers; a GEMV-like kernel for decode
+  rows, a tiled one for prefill). GLM_TRITON_KERNELS=0 (or TRITON_KERNELS = False) keeps the path below instead.
+- Everything else (more rows = prefill, fp16/fp32 activations, CUDA without triton): dequantize into the activation
+  dtype, then a dense GEMM (at prefill the dequantization is a few percent of the GEMM; fp16 is then exactly the
+  original's path).
 """
 import functools
+import os
 from typing import Optional
 
 import torch
 
-from kernels import cpu
+from kernels import cpu, triton_matmul
 
 # (activation dtype, bits) -> most rows for which the library kernel beats dequantize + GEMM (benchmarking/matmul_table.py)
 CPU_KERNEL_MAX_ROWS = {(torch.bfloat16, 8): 12, (torch.bfloat16, 4): 64}
 ORIGINAL, CPU_INT4 = "original", "cpu_int4"  # weight layouts: GLM-130B's stored one, PyTorch's CPU int4 kernel's
 CPU_INT4_BLOCK_N = 64  # rows per block in the CPU int4 kernel's weight layout
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts (all groups carry the row scale)
+TRITON_KERNELS = os.environ.get("GLM_TRITON_KERNELS", "1") != "0"  # the fused GPU kernels where they apply
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,9 +132,21 @@ def uses_cpu_kernel(x: torch.Tensor, bits: int) -> bool:
     return x.device.type == "cpu" and rows <= CPU_KERNEL_MAX_ROWS.get((x.dtype, bits), 0)
 
 
+def _triton_device(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda"
+
+
+def uses_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int, layout: str) -> bool:
+    """Whether the fused Triton kernels take this matmul: a CUDA fp16/bf16 activation, the stored layout, triton."""
+    return (TRITON_KERNELS and layout == ORIGINAL and _triton_device(x) and triton_matmul.available(x.device)
+            and triton_matmul.supports(x, weight, scale, bits))
+
+
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int,
                        layout: str = ORIGINAL, scales_and_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [..., K] @ (q · scale)ᵀ -> [..., N] in x's dtype (no bias)."""
+    if uses_triton(x, weight, scale, bits, layout):
+        return triton_matmul.weight_only_matmul(x, weight, scale, bits)
     if layout == ORIGINAL and cpu.applies(x):
         return (cpu.gemv_int8 if bits == 8 else cpu.gemv_int4)(x, weight, scale)
     x2 = x.reshape(-1, x.shape[-1])

@@ -1,0 +1,135 @@
+"""The Triton weight-only matmul kernels (kernels/triton_matmul.py) against the exact reference: dequantize (q ·
+scale in float64), then a float64 matmul. Without a GPU they run under Triton's interpreter (TRITON_INTERPRET=1,
+set here before triton is imported) on CPU tensors, on tiny shapes covering tails in N and K, odd K (INT8), an odd
+number of packed bytes per row (INT4), split-K and both kernels."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from kernels import triton_matmul as tm  # noqa: E402
+from quantization import matmul  # noqa: E402
+from quantization.functional import dequantize, quantize_weight  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.bfloat16]
+# (rows, N, K) per bits: N and K are never multiples of the tiles below; INT8 K odd, INT4 K/2 odd
+SHAPES = {8: [(1, 40, 75), (3, 33, 131), (9, 50, 97), (20, 70, 139)],
+          4: [(1, 40, 74), (3, 33, 130), (9, 50, 98), (20, 70, 138)]}
+CONFIGS = {  # small tiles so the interpreter stays fast; split_k > 1 covers split-K (fp32 partials summed)
+    "gemv": tm.Config("gemv", 4, 16, 32, split_k=1),
+    "gemv_split3": tm.Config("gemv", 4, 16, 32, split_k=3),
+    "mm": tm.Config("mm", 16, 32, 64, split_k=1),
+    "mm_split2": tm.Config("mm", 16, 16, 32, split_k=2),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter_only_here():
+    """Leave no interpreter mode behind for later test modules of the same session."""
+    yield
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1":
+        del os.environ["TRITON_INTERPRET"]
+
+
+def _case(rows, n, k, bits, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen) * k ** -0.5).half()
+    q, scale = quantize_weight(w, bits)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    ref = x.double() @ dequantize(q, scale, bits, torch.float64).T
+    return x.to(DEVICE), q.to(DEVICE), scale.to(DEVICE), ref
+
+
+def _assert_close(y, ref, dtype):
+    # One rounding of the fp32 result to the output dtype (the interpreter truncates to bf16: 2^-7), plus fp32
+    # accumulation slack.
+    rel = 2 ** -10 if dtype == torch.float16 else 2 ** -7
+    err = (y.double().cpu() - ref).abs()
+    assert (err <= rel * ref.abs() + 1e-5 * ref.abs().max()).all(), err.max()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("shape", range(4))
+def test_kernel_matches_dequantize_reference(bits, dtype, config, shape):
+    rows, n, k = SHAPES[bits][shape]
+    cfg = CONFIGS[config]
+    if cfg.kernel == "gemv" and rows > cfg.block_m:
+        pytest.skip("the gemv kernel takes at most block_m rows")
+    x, q, scale, ref = _case(rows, n, k, bits, dtype)
+    y = tm.weight_only_matmul(x, q, scale, bits, cfg)
+    assert y.dtype == dtype and y.shape == (rows, n)
+    _assert_close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3, 9, 20])
+def test_default_configs_and_leading_dims(bits, rows):
+    """The configs choose_config picks (gemv / 16-row tiles / prefill tiles, split-K as it decides), x [2, rows, K]."""
+    n, k = 48, 160
+    x, q, scale, ref = _case(2 * rows, n, k, bits, torch.float16, seed=rows)
+    y = tm.weight_only_matmul(x.view(2, rows, k), q, scale, bits)
+    assert y.shape == (2, rows, n)
+    _assert_close(y.reshape(2 * rows, n), ref, torch.float16)
+
+
+def test_choose_config_covers_decode_and_prefill():
+    assert tm.choose_config(1, 12288, 12288, 4, 132).kernel == "gemv"
+    assert tm.choose_config(8, 12288, 12288, 4, 132) == tm.Config("mm", 16, 64, 128, split_k=2, num_warps=4,
+                                                                  num_stages=3)
+    assert tm.choose_config(2048, 36864, 12288, 8, 132).block_m == 128
+    split = tm.choose_config(1, 12288, 32768, 4, 132).split_k  # 384 programs for 132 SMs: no split needed
+    assert split == 1
+    assert tm.choose_config(1, 1024, 32768, 4, 132).split_k > 1  # 32 programs: split K
+
+
+def test_split_k_never_exceeds_k_blocks():
+    assert tm.split_k_for(1, 64, 64, 132) == 1
+    assert tm.split_k_for(1, 10 ** 6, 64, 132) == tm.MAX_SPLIT_K
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fp16_close_to_the_original_dequantized_gemm(bits):
+    """The fused result against the original's arithmetic (fp16 weight round(q·scale), fp16 GEMM)."""
+    x, q, scale, _ = _case(5, 64, 96, bits, torch.float16, seed=3)
+    y = tm.weight_only_matmul(x, q, scale, bits, CONFIGS["mm"])
+    original = (x.cpu().float() @ dequantize(q.cpu(), scale.cpu(), bits, torch.float16).float().T)
+    assert torch.allclose(y.cpu().float(), original, rtol=2e-3, atol=2e-3 * original.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_linear_dispatches_to_triton(bits, monkeypatch):
+    """quantization.matmul routes CUDA fp16/bf16 activations on the stored layout to the fused kernels (the device
+    check is patched on a machine without a GPU); fp32, CPU and the CPU int4 layout do not go there."""
+    x, q, scale, ref = _case(2, 40, 64, bits, torch.bfloat16, seed=5)
+    calls = []
+    real = tm.weight_only_matmul
+    monkeypatch.setattr(tm, "weight_only_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(matmul, "_triton_device", lambda t: True)
+    y = matmul.weight_only_linear(x, q, scale, bits)
+    assert calls == [1]
+    _assert_close(y, ref, torch.bfloat16)
+    assert not matmul.uses_triton(x.float(), q, scale, bits, matmul.ORIGINAL)
+    assert not matmul.uses_triton(x, q, scale, bits, matmul.CPU_INT4)
+    monkeypatch.setattr(matmul, "TRITON_KERNELS", False)
+    assert not matmul.uses_triton(x, q, scale, bits, matmul.ORIGINAL)
+
+
+def test_cpu_tensors_never_dispatch_to_triton():
+    x, q, scale, _ = _case(1, 40, 64, 8, torch.bfloat16)
+    assert DEVICE == "cuda" or not matmul.uses_triton(x, q, scale, 8, matmul.ORIGINAL)
+
+
+def test_supports_checks_shapes():
+    x = torch.zeros(1, 64, dtype=torch.float16)
+    q8, q4, scale = torch.zeros(8, 64, dtype=torch.int8), torch.zeros(8, 32, dtype=torch.int8), torch.zeros(8).half()
+    assert tm.supports(x, q8, scale, 8) and tm.supports(x, q4, scale, 4)
+    assert not tm.supports(x, q4, scale, 8) and not tm.supports(x.float(), q8, scale, 8)
+    assert not tm.supports(x, q8, scale[:4], 8)
