@@ -55,6 +55,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     i = parser.add_argument_group("initialization")
     i.add_argument("--sequential-initialization", action="store_true",
                    help="load the model-parallel shards one rank at a time (lower peak host RAM)")
+    i.add_argument("--random-init", action="store_true",
+                   help="no checkpoint: random weights created directly on --device, already INT8/INT4 with "
+                        "--quantization-bit-width (speed measurements at full size; the outputs are meaningless)")
 
 
 def parse_args(extra_args_provider: Optional[Callable] = None, argv=None) -> argparse.Namespace:
@@ -137,16 +140,52 @@ def initialize(extra_args_provider: Optional[Callable] = None, argv=None) -> arg
 
 
 def build_model(args) -> GLM130B:
-    """The model with this rank's shard loaded (and quantized when asked)."""
+    """The model with this rank's shard loaded (and quantized when asked), or random with --random-init."""
     config = GLMConfig.from_args(args)
     model = GLM130B(config, dtype=args.params_dtype, device="meta", attention=args.attention)
     if args.quantization_bit_width:  # set up the int8 storage first; the loader fills (or quantizes) it
         quantize(model, args.quantization_bit_width)
+    if getattr(args, "random_init", False):
+        return random_init_(model, args.device, args.seed).eval()
     if args.load is None:
         raise UserError("no checkpoint given: pass --load <folder> (or source a configs/*.sh that sets it)")
     load_checkpoint(model, args.load, mpu.get_model_parallel_rank(), args.model_parallel_size, args.device,
                     checkpoint_preparer(args.quantization_bit_width, args.from_quantized_checkpoint))
     return model.eval()
+
+
+@torch.no_grad()
+def random_init_(model: GLM130B, device, seed: int = 1234) -> GLM130B:
+    """Materialise a meta model on `device` with random weights, in place: quantized linears get random int8 /
+    packed int4 storage and per-row scales directly (no 16-bit copy of those weights ever exists), 16-bit linears
+    std fan_in^-0.5, the embedding std 1, LayerNorms near 1, biases small: activations stay finite through every
+    layer as with the benchmark checkpoints (tools/create_random_checkpoint.py)."""
+    from quantization import QuantizedLinearMixin
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    quantized = {id(m.weight): m for m in model.modules() if isinstance(m, QuantizedLinearMixin)}
+    for name, p in model.named_parameters():
+        if id(p) in quantized:
+            _random_quantized_(quantized[id(p)], gen)
+        elif name.endswith("weight_scale"):
+            continue  # set with its weight
+        elif "layernorm.weight" in name:
+            p.normal_(1.0, 0.1, generator=gen)
+        elif name.endswith(".bias"):
+            p.normal_(0.0, 0.02, generator=gen)
+        else:
+            p.normal_(0.0, 1.0 if "word_embeddings" in name else p.shape[1] ** -0.5, generator=gen)
+    for m in quantized.values():
+        m.after_load()
+    return model
+
+
+def _random_quantized_(module, gen) -> None:
+    """Uniform random q (every int8 byte; packed INT4 bytes hold two uniform nibbles) and the row scale that gives
+    the dequantized weight std fan_in^-0.5 (uniform q has std 256/sqrt(12) resp. 16/sqrt(12))."""
+    module.weight.random_(-128, 128, generator=gen)
+    q_std = (256 if module.bits == 8 else 16) / 12 ** 0.5
+    module.weight_scale.fill_(module.in_features ** -0.5 / q_std)
 
 
 def initialize_model_and_tokenizer(args):
