@@ -30,6 +30,7 @@ from typing import Dict
 import torch
 
 from benchmarking.arithmetic import weight_bytes
+from benchmarking.gpu import gpu_config, run_graph_decode
 from benchmarking.phases import free, load_model, run_decode, run_encode, run_eval
 from benchmarking.probes import AdjacentProbe, best, matmul_peak, read_bandwidth
 from benchmarking.report import derive, print_summary, summary_lines, write_json
@@ -70,6 +71,9 @@ class Plan:
         self.eval_length = args.eval_length or (256 if quick else 512)
         self.bw_bytes, self.bw_repeats = ((256 << 20), 3) if quick else ((1 << 30), 5)
         self.gemm_shapes = [(1024, 1024, 1024)] if quick else [(2048, 2048, 2048), (4096, 4096, 4096), (512, 1536, 8192)]
+        if args.device.type == "cuda" and not quick:  # HBM: a buffer far above the caches; the largest GEMMs
+            self.bw_bytes = 4 << 30
+            self.gemm_shapes = self.gemm_shapes + [(8192, 8192, 8192)]
         self.gemm_repeats = 2 if quick else 3
         default16 = "fp16" if args.device.type == "cuda" else "bf16"
         self.dtype16 = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype16 or default16]
@@ -84,7 +88,7 @@ def run_config(args, plan: Plan) -> dict:
             "machine.device": str(args.device), "machine.threads": torch.get_num_threads(),
             "machine.cpu_count": os.cpu_count(), "machine.torch": torch.__version__,
             "machine.fast_cpu_kernels": args.device.type == "cpu" and cpu.available(),
-            "cpu.kernel_tier": cpu.tier() if args.device.type == "cpu" else "none"}
+            "cpu.kernel_tier": cpu.tier() if args.device.type == "cpu" else "none", **gpu_config(args.device)}
 
 
 def run(args, plan: Plan, results: dict):
@@ -117,6 +121,8 @@ def run(args, plan: Plan, results: dict):
                              f"(median step {r['step_ms_median']:.1f} ms, mean {r['tokens_per_s_mean']:.2f} tokens/s; "
                              f"prefill {plan.prompt} tokens {r['prefill_ms']:.0f} ms)")
         results[f"decode.{name}.weight_bytes_per_step"] = nbytes
+        if device.type == "cuda" and 1 in plan.batches and mpu.get_model_parallel_world_size() == 1:
+            run_graph_decode(model, name, plan.prompt, plan.steps, decode, results)
     free(model)
     bandwidth["decode_probes"] = max(probe.all)
     del probe

@@ -22,7 +22,11 @@ def _read_fn(x: torch.Tensor):
 
 
 def read_bandwidth(device, nbytes: int, repeats: int) -> Dict[str, float]:
-    """Best read bandwidth (bytes/s): torch.sum over an fp32 buffer, and on CPU also the kernels' streaming probe."""
+    """Best read bandwidth (bytes/s): torch.sum over an fp32 buffer, and on CPU also the kernels' streaming probe
+    (on a GPU: benchmarking/gpu.py's HBM probe, timed with CUDA events)."""
+    if device.type == "cuda":
+        from benchmarking.gpu import hbm_read_bandwidth
+        return hbm_read_bandwidth(device, nbytes, repeats)
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     out = {"torch_sum": nbytes / best_time(lambda: x.sum(), device, repeats)}
     if device.type == "cpu" and cpu.available():
@@ -33,6 +37,9 @@ def read_bandwidth(device, nbytes: int, repeats: int) -> Dict[str, float]:
 def matmul_peak(device, dtype, shapes: Sequence[Tuple[int, int, int]], repeats: int,
                 budget_s: float = PROBE_CALL_BUDGET_S) -> Dict[str, Optional[float]]:
     """Best FLOP/s of torch.mm per (m, k, n) shape; None for shapes skipped as too slow on this machine."""
+    if device.type == "cuda":
+        from benchmarking.gpu import matmul_peak_events
+        return matmul_peak_events(device, dtype, shapes, repeats)
     a = torch.randn(256, 256, device=device).to(dtype)
     small = 2 * 256 ** 3 / timed(lambda: torch.mm(a, a), device)  # includes first-call overhead: a lower bound
     out = {}
@@ -62,6 +69,10 @@ class AdjacentProbe:
         self.all = []
 
     def __call__(self) -> float:
-        bw = self.x.numel() * 4 / best_time(_read_fn(self.x), self.device, 2)
+        if self.device.type == "cuda":
+            from benchmarking.gpu import device_time
+            bw = self.x.numel() * 4 / device_time(lambda: self.x.sum(), self.device, 2, inner=4)
+        else:
+            bw = self.x.numel() * 4 / best_time(_read_fn(self.x), self.device, 2)
         self.all.append(bw)
         return bw
