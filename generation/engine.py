@@ -1,0 +1,413 @@
+"""Continuous batching: many blank-filling sequences decoded together, each joining and leaving between steps.
+
+One batch `KVCache` of `slots` rows holds every running sequence. Its column counter T is shared: a decode step
+writes one token per row at column T. A sequence occupies its row's columns [start, T): its context is prefilled
+alone (batch 1, its own round layout from `model.layout.round_sample` / `DecodingLayout`, exactly as generate.py's
+prefill) and its keys/values are copied into columns [T - c, T) of its row. Keys are stored after RoPE, so the
+column a key sits in does not matter, only the mask: each step gives every row its own position id (from its
+DecodingLayout) and a mask row that lets it see its own columns only, as its layout says.
+
+When the wasted columns before the oldest live sequence outgrow the live span, or T reaches the cache's end, all
+rows move left together (`_rebase`); a context longer than T moves them right. A multi-mask prompt fills its
+blanks left to right, each round re-entering as a new prefill (as `fill_blanks` re-encodes round by round).
+Token choice is the generation layer's `BaseStrategy` (one per sequence: its temperature, top-k, top-p, seed),
+so greedy output is generate.py's. Beam search requests run `fill_blanks` whole, outside the batch (`run_beam`).
+
+Every rank of a tensor-parallel group runs the same `Engine.apply(work)` calls in the same order; sampled ids are
+broadcast from the source rank inside the strategy, so all ranks hold the same state and the same events.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from generation.blank_filling import (_Output, _splice, encode_prompt, fill_blanks, generation_invalid_slices,
+                                      generation_layout, round_budget)
+from generation.strategies import BaseStrategy, BeamSearchStrategy
+from model import KVCache, mpu
+from model.layout import collate_layouts, language_model_window
+
+_UNLIMITED = 1 << 30  # out_seq_length when max_tokens is the per-blank cap
+
+
+@dataclass
+class SequenceSpec:
+    """One sequence to generate, as every rank needs it (picklable: rank 0 broadcasts it)."""
+    seq_id: int
+    text: str
+    max_tokens: int  # per blank (0: score only)
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: Optional[int] = None
+    stop: Tuple[str, ...] = ()
+    logprobs: Optional[int] = None  # alternatives per token; None: no log-probs
+    echo: bool = False  # score the prompt's own tokens first
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: Dict[str, float]
+
+
+@dataclass
+class Event:
+    """What one sequence produced in one `apply`: new text (a delta), its tokens' log-probs, and at the end the
+    finish reason and the final result."""
+    seq_id: int
+    text: str = ""
+    logprobs: List[TokenLogprob] = field(default_factory=list)
+    finish_reason: Optional[str] = None  # "stop", "length" or "cancelled"
+    result: Optional[dict] = None  # text, blanks, prompt_tokens, completion_tokens
+
+
+class _Rows(KVCache):
+    """The first n rows of a batch cache (views: what the model writes lands in the batch cache)."""
+
+    def __init__(self, cache: KVCache, n: int):  # no super().__init__: nothing is allocated
+        self.k, self.v = [t[:n] for t in cache.k], [t[:n] for t in cache.v]
+        self.length, self.max_length, self._pending = cache.length, cache.max_length, 0
+
+
+@dataclass
+class _Round:
+    """One blank being generated: its layout (positions, mask over context + generated) and its tokens."""
+    ctx: int
+    positions: torch.Tensor  # [ctx + budget]
+    mask: torch.Tensor  # [ctx + budget, ctx + budget], True = blocked
+    budget: int
+    mask_position: int
+    start: int = 0  # cache column of the context's first token
+    tokens: List[int] = field(default_factory=list)  # sampled, end token included
+
+
+class _Sequence:
+    def __init__(self, spec: SequenceSpec, tokenizer, end_tokens, invalid, slot: int):
+        self.spec, self.slot = spec, slot
+        self.prompt = encode_prompt(spec.text, tokenizer)
+        self.output = _Output(seq=list(self.prompt.ids))
+        self.strategy = _sampling_strategy(spec, end_tokens, invalid)
+        self.round: Optional[_Round] = None
+        self.needs_prefill = True
+        self.shown = ""  # text streamed so far
+        self.completion_tokens = 0
+        self.finish_reason = "length"
+
+
+def _sampling_strategy(spec: SequenceSpec, end_tokens, invalid) -> BaseStrategy:
+    generator = None if spec.seed is None else torch.Generator().manual_seed(spec.seed)
+    greedy = spec.temperature == 0
+    return BaseStrategy(batch_size=1, temperature=1.0 if greedy else spec.temperature,
+                        top_k=1 if greedy else spec.top_k, top_p=0.0 if greedy else spec.top_p,
+                        end_tokens=end_tokens, invalid_slices=invalid, generator=generator)
+
+
+class Engine:
+    """Runs `apply(work)` steps: cancel, beam jobs, at most one prefill, then one decode step for every live row."""
+
+    def __init__(self, model, tokenizer, slots: int = 8, max_sequence_length: Optional[int] = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_sequence_length = max_sequence_length or model.config.max_sequence_length
+        self.end_tokens = [tokenizer.get_command("eop"), tokenizer.get_command("eos")]
+        self.invalid = generation_invalid_slices(tokenizer, self.end_tokens)
+        self.cache = KVCache(model, slots, 2 * self.max_sequence_length)
+        self.slots: List[Optional[_Sequence]] = [None] * slots
+        self.device = next(model.parameters()).device
+        self.decode_tokens = 0  # generated tokens, all sequences (metrics)
+
+    # --- what the scheduler may ask ----------------------------------------------------------------------------
+    def free_slots(self) -> int:
+        return self.slots.count(None)
+
+    def live(self) -> int:
+        return len(self.slots) - self.free_slots()
+
+    def can_admit(self) -> bool:
+        """A newcomer can be prefilled in the next apply: a free slot and no blank waiting to re-enter."""
+        return self.free_slots() > 0 and not any(s is not None and s.needs_prefill for s in self.slots)
+
+    # --- one iteration -----------------------------------------------------------------------------------------
+    def apply(self, work: dict) -> List[Event]:
+        """work: {"cancel": [seq ids], "beam": [specs], "admit": [spec] (at most one)}; the same on every rank."""
+        events: List[Event] = []
+        for seq_id in work.get("cancel", ()):
+            events += self._cancel(seq_id)
+        for spec in work.get("beam", ()):
+            events.append(self.run_beam(spec))
+        with torch.inference_mode():
+            prefilled = self._prefill_waiting(events)
+            if work.get("admit") and not prefilled:  # the scheduler sends one only when can_admit()
+                events += self._admit(work["admit"][0])
+            if self._feeding():
+                events += self._step()
+        return events
+
+    def cancel_all(self) -> List[Event]:
+        return [e for s in list(self.slots) if s is not None for e in self._cancel(s.spec.seq_id)]
+
+    # --- admission and prefill ---------------------------------------------------------------------------------
+    def _admit(self, spec: SequenceSpec) -> List[Event]:
+        slot = self.slots.index(None)
+        seq = _Sequence(spec, self.tokenizer, self.end_tokens, self.invalid, slot)
+        events = []
+        if spec.echo:
+            events.append(self._echo(seq))
+        if spec.max_tokens == 0:
+            return events + [self._finish(seq, "length", free=False)]
+        self.slots[slot] = seq
+        self._prefill(seq, events)
+        return events
+
+    def _prefill_waiting(self, events: List[Event]) -> bool:
+        """Re-enter the first sequence waiting for its next blank's prefill; whether one was run."""
+        for seq in self.slots:
+            if seq is not None and seq.needs_prefill:
+                self._prefill(seq, events)
+                return True
+        return False
+
+    def _prefill(self, seq: _Sequence, events: List[Event]) -> None:
+        """Start the sequence's next blank: prefill its round alone, copy its keys/values into its row, and sample
+        the blank's first token from the prefill's logits."""
+        row = seq.output.seq + [self.tokenizer.get_command("sop")]
+        mask_position = seq.output.seq.index(seq.prompt.mask_id)
+        budget = round_budget(len(row), _UNLIMITED, seq.spec.max_tokens, self.max_sequence_length)
+        seq.needs_prefill, seq.round = False, None
+        if budget <= 0:  # no room left: the blank stays empty, as in fill_blanks
+            seq.round = _Round(len(row), torch.empty(0), torch.empty(0, 0), 0, mask_position)
+            self._end_round(seq, events)
+            return
+        seqs, _, layout = generation_layout([row], [mask_position], [seq.prompt.use_gmask], budget)
+        seqs = seqs.to(self.device)
+        _, mask, positions = layout(seqs)
+        c = seqs.shape[1]
+        small = KVCache(self.model, 1, c)
+        logits = self.model.forward_with_cache(seqs, positions[:, :c], mask[:, :, :c, :c], small,
+                                               logits_index=torch.tensor([c - 1], device=self.device))
+        seq.round = _Round(c, positions[0], mask[0, 0], budget, mask_position, start=self._place(seq, small, c))
+        seq.strategy.prepare(1)
+        self._take(seq, logits[0, 0], events)
+
+    def _place(self, seq: _Sequence, small: KVCache, c: int) -> int:
+        """Copy the prefilled keys/values into the sequence's row, ending at the shared column; returns the start."""
+        if self.cache.length < c:
+            self._rebase(max(c, self._live_span()))
+        t = self.cache.length
+        for layer in range(len(self.cache.k)):
+            self.cache.k[layer][seq.slot, :, t - c:t] = small.k[layer][0, :, :c]
+            self.cache.v[layer][seq.slot, :, t - c:t] = small.v[layer][0, :, :c]
+        return t - c
+
+    # --- the shared columns ------------------------------------------------------------------------------------
+    def _feeding(self) -> List[_Sequence]:
+        """The sequences with a token to feed at the next step (their round's columns are in the cache)."""
+        return [s for s in self.slots if s is not None and s.round is not None]
+
+    def _live_span(self) -> int:
+        return max([self.cache.length - s.round.start for s in self._feeding()], default=0)
+
+    def _rebase(self, new_length: int) -> None:
+        """Move every row's live columns so that the shared counter becomes `new_length`."""
+        old, span = self.cache.length, self._live_span()
+        if span:
+            for tensors in (self.cache.k, self.cache.v):
+                for t in tensors:
+                    t[:, :, new_length - span:new_length] = t[:, :, old - span:old].clone()
+        for s in self._feeding():
+            s.round.start += new_length - old
+        self.cache.length = new_length
+
+    def _make_room(self) -> None:
+        span = self._live_span()
+        wasted = self.cache.length - span
+        if self.cache.length + 1 > self.cache.max_length or wasted > max(64, span):
+            self._rebase(span)
+
+    # --- one decode step ---------------------------------------------------------------------------------------
+    def _step(self) -> List[Event]:
+        self._make_room()
+        feeding = self._feeding()
+        n = max(s.slot for s in feeding) + 1
+        t = self.cache.length
+        tokens = torch.zeros((n, 1), dtype=torch.long)
+        positions = torch.zeros((n, 1), dtype=torch.long)
+        mask = torch.ones((n, 1, 1, t + 1), dtype=torch.bool)
+        mask[:, 0, 0, t] = False  # an idle row sees its own (ignored) token only
+        for s in feeding:
+            r = s.round
+            column = r.ctx + len(r.tokens) - 1  # the newest token's column in its round layout
+            tokens[s.slot, 0] = r.tokens[-1]
+            positions[s.slot, 0] = r.positions[column]
+            mask[s.slot, 0, 0, r.start:] = r.mask[column, :column + 1]
+        rows = _Rows(self.cache, n)
+        logits = self.model.forward_with_cache(tokens.to(self.device), positions.to(self.device),
+                                               mask.to(self.device), rows)
+        self.cache.length = rows.length
+        events: List[Event] = []
+        for s in feeding:
+            self._take(s, logits[s.slot, 0], events)
+        return events
+
+    def _take(self, seq: _Sequence, logits: torch.Tensor, events: List[Event]) -> None:
+        """Sample the next token of the sequence's blank from its logits [V]; end the round when it is done."""
+        r = seq.round
+        tokens, _ = seq.strategy.forward(logits.view(1, -1), torch.empty((1, 0), dtype=torch.long))
+        token = int(tokens[0, -1])
+        r.tokens.append(token)
+        seq.completion_tokens += 1
+        self.decode_tokens += 1
+        event = Event(seq.spec.seq_id)
+        if seq.spec.logprobs is not None:
+            event.logprobs.append(self._token_logprob(logits, token, seq.spec.logprobs))
+        ended = token in self.end_tokens
+        stopped = not ended and self._hits_stop(seq)
+        if stopped:
+            r.tokens.pop()  # the token that completed the stop string is not kept
+        if ended or stopped:
+            seq.finish_reason = "stop"
+        elif len(r.tokens) >= r.budget:
+            seq.finish_reason = "length"
+        else:
+            event.text = self._stream_delta(seq)
+            events.append(event)
+            return
+        events.append(event)
+        self._end_round(seq, events)
+
+    def _end_round(self, seq: _Sequence, events: List[Event]) -> None:
+        r = seq.round
+        generated = [t for t in r.tokens if t not in self.end_tokens]
+        seq.output = _splice(seq.output, generated, seq.prompt, self.tokenizer, 0.0)
+        seq.round = None
+        if seq.prompt.mask_id in seq.output.seq:
+            seq.needs_prefill = True
+            seq.finish_reason = "length"
+            return
+        events.append(self._finish(seq, seq.finish_reason))
+
+    # --- text ----------------------------------------------------------------------------------------------------
+    def _continuation_only(self, seq: _Sequence) -> bool:
+        """A prompt without a mask ([gMASK] appended): its text is the continuation alone (OpenAI's meaning)."""
+        return not any(m in seq.spec.text for m in ("[MASK]", "[sMASK]", "[gMASK]"))
+
+    def _hits_stop(self, seq: _Sequence) -> bool:
+        if not seq.spec.stop:
+            return False
+        generated = [t for t in seq.round.tokens if t not in self.end_tokens]
+        blank = self.tokenizer.detokenize(generated)
+        return any(s in blank for s in seq.spec.stop)
+
+    def _visible(self, seq: _Sequence, text: str, final: bool) -> str:
+        """The text a client may see: cut at a stop string; while running, without a tail that may start one."""
+        text = text.rstrip("\ufffd") if not final else text
+        for s in seq.spec.stop:
+            if s in text:
+                text = text[:text.index(s)]
+        if not final:
+            for s in seq.spec.stop:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        text = text[:-k]
+                        break
+        return text
+
+    def _current_text(self, seq: _Sequence) -> str:
+        generated = [t for t in seq.round.tokens if t not in self.end_tokens]
+        if self._continuation_only(seq):
+            return self.tokenizer.detokenize(generated)
+        return self.tokenizer.detokenize(seq.output.seq[:seq.round.mask_position] + generated)
+
+    def _stream_delta(self, seq: _Sequence, final_text: Optional[str] = None) -> str:
+        text = final_text if final_text is not None else self._visible(seq, self._current_text(seq), final=False)
+        if text.startswith(seq.shown) and len(text) > len(seq.shown):
+            delta, seq.shown = text[len(seq.shown):], text
+            return delta
+        return ""
+
+    # --- the end of a sequence -----------------------------------------------------------------------------------
+    def _finish(self, seq: _Sequence, reason: str, free: bool = True) -> Event:
+        eos = self.tokenizer.get_command("eos")
+        ids = seq.output.seq[:-1] if seq.output.seq and seq.output.seq[-1] == eos else seq.output.seq
+        blanks = seq.output.blanks
+        if self._continuation_only(seq):
+            text = self._visible(seq, blanks[0] if blanks else "", final=True)
+        else:
+            text = self.tokenizer.detokenize(ids)
+        if free and self.slots[seq.slot] is seq:
+            self.slots[seq.slot] = None
+        if self.live() == 0:
+            self.cache.length = 0
+        result = {"text": text, "blanks": list(blanks), "prompt_tokens": len(seq.prompt.ids),
+                  "completion_tokens": seq.completion_tokens}
+        return Event(seq.spec.seq_id, text=self._stream_delta(seq, text), finish_reason=reason, result=result)
+
+    def _cancel(self, seq_id: int) -> List[Event]:
+        for i, s in enumerate(self.slots):
+            if s is not None and s.spec.seq_id == seq_id:
+                self.slots[i] = None
+                if self.live() == 0:
+                    self.cache.length = 0
+                return [Event(seq_id, finish_reason="cancelled")]
+        return []
+
+    # --- log-probs -----------------------------------------------------------------------------------------------
+    def _token_logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return TokenLogprob(self.tokenizer.detokenize([token]), float(logp[token]), self._top(logp, top))
+
+    def _top(self, logp: torch.Tensor, top: int) -> Dict[str, float]:
+        if top <= 0:
+            return {}
+        values, ids = torch.topk(logp, top)
+        return {self.tokenizer.detokenize([i]): float(v) for v, i in zip(values.tolist(), ids.tolist())}
+
+    def _echo(self, seq: _Sequence) -> Event:
+        ids = self.tokenizer.tokenize(seq.spec.text)
+        logprobs = score_tokens(self.model, self.tokenizer, ids, seq.spec.logprobs or 0)
+        return Event(seq.spec.seq_id, logprobs=logprobs)  # the server sends the prompt text itself
+
+    # --- beam search, outside the batch ----------------------------------------------------------------------------
+    def run_beam(self, spec: SequenceSpec) -> Event:
+        """A beam-search request through fill_blanks as generate.py runs it (the batch waits meanwhile)."""
+        strategy = BeamSearchStrategy(1, spec.num_beams, length_penalty=spec.length_penalty, consider_end=True,
+                                      end_tokens=self.end_tokens, invalid_slices=self.invalid,
+                                      no_repeat_ngram_size=spec.no_repeat_ngram_size, deterministic=True)
+        result = fill_blanks(spec.text, self.model, self.tokenizer, strategy, out_seq_length=_UNLIMITED,
+                             max_new_tokens=spec.max_tokens, max_sequence_length=self.max_sequence_length)
+        prompt = result.prompt
+        blanks = result.blanks[0]
+        continuation = not any(m in spec.text for m in ("[MASK]", "[sMASK]", "[gMASK]"))
+        text = blanks[0] if continuation and blanks else result.answers[0]
+        generated = len(result.sequences[0]) - len(prompt.ids) + len(blanks)
+        self.decode_tokens += max(0, generated)
+        return Event(spec.seq_id, text=text, finish_reason="stop",
+                     result={"text": text, "blanks": blanks, "prompt_tokens": len(prompt.ids),
+                             "completion_tokens": max(0, generated)})
+
+
+def score_tokens(model, tokenizer, ids: Sequence[int], top: int = 0) -> List[TokenLogprob]:
+    """log p(ids[k] | [gMASK] sop ids[:k]) of each token, as the evaluation scores a language-model window
+    (model.layout.language_model_window, vocabulary-parallel log-probs in fp32)."""
+    layout, targets = language_model_window([], list(ids), tokenizer.get_command("[gMASK]"),
+                                            tokenizer.get_command("sop"))
+    batch = collate_layouts([layout])
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        shard = model.logits(batch["tokens"].to(device), batch["position_ids"].to(device),
+                             batch["attention_mask"].to(device), parallel_output=True)[0]
+        rows = torch.arange(1, len(ids) + 1, device=shard.device)
+        chosen = mpu.vocab_parallel_log_probs(shard, rows, torch.as_tensor(list(ids), device=shard.device))
+        full = torch.log_softmax(mpu.gather_from_model_parallel_region(shard[rows].float()), dim=-1) if top else None
+    out = []
+    for k, token in enumerate(ids):
+        alternatives = {}
+        if top:
+            values, alt = torch.topk(full[k], top)
+            alternatives = {tokenizer.detokenize([i]): float(v) for v, i in zip(values.tolist(), alt.tolist())}
+        out.append(TokenLogprob(tokenizer.detokenize([token]), float(chosen[k]), alternatives))
+    return out

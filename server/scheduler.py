@@ -1,0 +1,161 @@
+"""Rank 0's engine thread: a bounded queue of sequences, one `Engine.apply` per iteration, events to the requests.
+
+Each iteration's work (cancellations, at most one newcomer or one beam-search job) is decided here and, under
+tensor parallelism, broadcast to the other ranks (`follow`), which apply the same work to their own engine.
+"""
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Callable, Dict, List
+
+from generation.engine import Engine, Event, SequenceSpec
+from model import mpu
+
+HEARTBEAT_S = 5.0  # an idle rank 0 still sends (empty) work this often: the other ranks' broadcasts never time out
+STOP = {"stop": True}
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_queue: int, metrics, distributed: bool):
+        self.engine, self.max_queue, self.metrics, self.distributed = engine, max_queue, metrics, distributed
+        self.waiting: deque = deque()
+        self.cancelled: List[int] = []
+        self.sinks: Dict[int, Callable[[Event], None]] = {}
+        self.submitted: Dict[int, float] = {}
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.failed = None  # the exception that stopped the engine thread, if any
+
+    # --- called from the HTTP side -------------------------------------------------------------------------------
+    def submit(self, specs: List[SequenceSpec], sink: Callable[[Event], None]) -> None:
+        """Queue the sequences, all or none (QueueFull past --max-queue); `sink` gets their events."""
+        with self.cond:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) + len(specs) > self.max_queue:
+                raise QueueFull(f"the queue is full ({len(self.waiting)} waiting, --max-queue {self.max_queue})")
+            for spec in specs:
+                self.sinks[spec.seq_id] = sink
+                self.submitted[spec.seq_id] = time.perf_counter()
+                self.waiting.append(spec)
+            self.cond.notify()
+
+    def cancel(self, seq_ids: List[int]) -> None:
+        """Drop the sequences (a client went away): queued ones at once, running ones at the next step."""
+        with self.cond:
+            queued = {s.seq_id for s in self.waiting}
+            self.waiting = deque(s for s in self.waiting if s.seq_id not in seq_ids)
+            for seq_id in seq_ids:
+                self.sinks.pop(seq_id, None)
+                self.submitted.pop(seq_id, None)
+                if seq_id not in queued:
+                    self.cancelled.append(seq_id)
+            self.cond.notify()
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.failed is None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel whatever is queued or running and end the thread (and, under TP, the other ranks' loops)."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout)
+
+    # --- the engine thread ---------------------------------------------------------------------------------------
+    def _next_work(self) -> dict:
+        """Wait until there is something to do (or a heartbeat is due); the work of the next iteration."""
+        with self.cond:
+            deadline = time.monotonic() + HEARTBEAT_S
+            while not (self.stopping or self.cancelled or self.engine.live() or self._admissible()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return {}
+                self.cond.wait(left)
+            if self.stopping:
+                return STOP
+            work = {"cancel": self.cancelled}
+            self.cancelled = []
+            if self._admissible():
+                spec = self.waiting.popleft()
+                work["beam" if spec.num_beams > 1 else "admit"] = [spec]
+            return work
+
+    def _admissible(self) -> bool:
+        return bool(self.waiting) and (self.waiting[0].num_beams > 1 or self.engine.can_admit())
+
+    def _run(self) -> None:
+        try:
+            while True:
+                work = self._next_work()
+                if work is STOP:
+                    self._shutdown()
+                    return
+                if not work and not self.distributed:
+                    continue
+                self._dispatch(self._apply(work))
+        except BaseException as e:  # the engine is broken: fail every request rather than hang them
+            self.failed = e
+            traceback.print_exc(file=sys.stderr)
+            self._fail_all()
+
+    def _apply(self, work: dict) -> List[Event]:
+        if self.distributed:
+            mpu.broadcast_object(work)
+        start, tokens = time.perf_counter(), self.engine.decode_tokens
+        events = self.engine.apply(work)
+        self.metrics.step(time.perf_counter() - start, self.engine.decode_tokens - tokens)
+        return events
+
+    def _dispatch(self, events: List[Event]) -> None:
+        with self.cond:
+            routed = [(self.sinks.get(e.seq_id), e) for e in events]
+            for e in events:
+                started = self.submitted.pop(e.seq_id, None)
+                if started is not None:
+                    self.metrics.first_token(time.perf_counter() - started)
+                if e.finish_reason is not None:
+                    self.sinks.pop(e.seq_id, None)
+        for sink, event in routed:
+            if sink is not None:
+                sink(event)
+
+    def _shutdown(self) -> None:
+        with self.cond:
+            waiting, self.waiting = list(self.waiting), deque()
+        events = [Event(s.seq_id, finish_reason="cancelled") for s in waiting]
+        running = [s.spec.seq_id for s in self.engine.slots if s is not None]
+        if running:
+            events += self._apply({"cancel": running})
+        if self.distributed:
+            mpu.broadcast_object(STOP)
+        self._dispatch(events)
+
+    def _fail_all(self) -> None:
+        with self.cond:
+            sinks, self.sinks = dict(self.sinks), {}
+            self.waiting.clear()
+        for seq_id, sink in sinks.items():
+            sink(Event(seq_id, finish_reason="error"))
+
+
+def follow(engine: Engine) -> None:
+    """A tensor-parallel rank other than 0: apply rank 0's work until it says stop."""
+    while True:
+        work = mpu.broadcast_object(None)
+        if work == STOP:
+            return
+        engine.apply(work)
