@@ -9,6 +9,7 @@ other ranks apply it. SIGINT/SIGTERM: in-flight requests get --shutdown-timeout 
 cancelled, and every rank exits. See README.md "Serving" and docs/performance.md "Serving".
 """
 import argparse
+import os
 import signal
 
 import torch
@@ -65,7 +66,8 @@ def serve(args, engine, tokenizer) -> None:
         signal.signal(sig, lambda *_: None)
     scheduler.start()
     print(f"> Serving {args.served_model_name} on http://{args.host}:{args.port} ({args.max_slots} slots, "
-          f"queue {args.max_queue}, model parallel {mpu.get_model_parallel_world_size()})", flush=True)
+          f"queue {args.max_queue}, model parallel {mpu.get_model_parallel_world_size()}, pid {os.getpid()})",
+          flush=True)
     try:
         server.run()
     finally:
