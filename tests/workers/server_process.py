@@ -21,7 +21,8 @@ class ServerProcess:
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return open(self.log_path, encoding="utf-8", errors="replace").read()
 
     def wait_ready(self, timeout=240.0) -> None:
