@@ -77,3 +77,20 @@ def test_benchmark_graph_decode_phase_runs_eagerly_on_cpu():
     run_graph_decode(model, "16bit", 4, 3, {("16bit", 1): {"step_ms_median": 5.0}}, results)
     for key in ("graph.ms_per_token", "static_eager.ms_per_token", "graph_speedup", "graph_speedup_vs_static_eager"):
         assert results[f"decode.16bit.{key}"] > 0
+
+
+def test_sigterm_stops_the_running_section_and_keeps_the_json(tmp_path):
+    """scripts/gpu_check.sh's overall limit sends SIGTERM: the section's processes end, the JSON says where."""
+    import signal
+    import time
+    out, log = tmp_path / "s.json", tmp_path / "s.log"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--dry-run", "--sections", "env",
+                             "kernels", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "=== section env" in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 1
+    results = json.loads(out.read_text())
+    assert results["sections.env.status"] in ("stopped", "ok") and results["run.ok"] is False
+    assert "sections.kernels.status" not in results or results["sections.kernels.status"] == "stopped"

@@ -54,15 +54,15 @@ def _assert_close(y, ref, dtype):
     assert (err <= rel * ref.abs() + 1e-5 * ref.abs().max()).all(), err.max()
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+CASES = [(bits, shape, config) for bits in (8, 4) for shape in SHAPES[bits] for config in CONFIGS
+         if CONFIGS[config].kernel == "mm" or shape[0] <= CONFIGS[config].block_m]  # gemv: at most block_m rows
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("shape", range(4))
-def test_kernel_matches_dequantize_reference(bits, dtype, config, shape):
-    rows, n, k = SHAPES[bits][shape]
+@pytest.mark.parametrize("bits,shape,config", CASES)
+def test_kernel_matches_dequantize_reference(bits, shape, config, dtype):
+    rows, n, k = shape
     cfg = CONFIGS[config]
-    if cfg.kernel == "gemv" and rows > cfg.block_m:
-        pytest.skip("the gemv kernel takes at most block_m rows")
     x, q, scale, ref = _case(rows, n, k, bits, dtype)
     y = tm.weight_only_matmul(x, q, scale, bits, cfg)
     assert y.dtype == dtype and y.shape == (rows, n)

@@ -12,6 +12,7 @@ kernel cannot be interrupted in-process), so one section's failure or timeout is
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -353,6 +354,34 @@ def _write(path: Path, results: dict) -> None:
     os.replace(tmp, path)
 
 
+class _Stopped(Exception):
+    """SIGTERM (scripts/gpu_check.sh's overall time limit): stop the running section, keep what was measured."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Stopped()
+
+
+def _run_process(cmd, env, limit: float, log_file):
+    """(status, error) of one section process, run in its own process group so that a timeout or a stop also ends
+    the processes it started (benchmark.py in the bench section) and frees the GPU for the next section."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=limit)
+    except (subprocess.TimeoutExpired, _Stopped) as e:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        log_file.write(stderr or "")
+        if isinstance(e, _Stopped):
+            raise
+        return "timeout", f"over {limit} s"
+    log_file.write(stderr)
+    if proc.returncode != 0:
+        return "failed", f"exit {proc.returncode}: {_last_line(stderr)}"
+    return "ok", None
+
+
 def drive(out: Path, log: Path, dry_run: bool, sections) -> dict:
     env = dict(os.environ)
     if dry_run:
@@ -360,43 +389,51 @@ def drive(out: Path, log: Path, dry_run: bool, sections) -> dict:
         env.setdefault("GLM_CPU_KERNELS", "0")  # no C++ build in a dry run: PyTorch's CPU paths
     results = {"run.started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "run.dry_run": dry_run}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as log_file:
-        for name in sections:
-            limit = DRY_RUN_LIMIT_S if dry_run else SECTIONS[name]
-            part = out.with_name(f".{out.name}.{name}.part")
-            part.unlink(missing_ok=True)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--part", str(part)]
-            cmd += ["--dry-run"] if dry_run else []
-            log_file.write(f"=== section {name} (limit {limit} s)\n")
-            log_file.flush()
-            start = time.perf_counter()
-            status, error = "ok", None
-            try:
-                proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.PIPE, text=True,
-                                      timeout=limit)
-                log_file.write(proc.stderr)
-                if proc.returncode != 0:
-                    status, error = "failed", f"exit {proc.returncode}: {_last_line(proc.stderr)}"
-            except subprocess.TimeoutExpired as e:
-                status, error = "timeout", f"over {limit} s"
-                log_file.write(e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
-            if part.exists():
-                results.update(json.loads(part.read_text()))
-                part.unlink()
-            elif status == "ok":
-                status, error = "failed", "no results written"
-            results[f"sections.{name}.status"] = status
-            results[f"sections.{name}.seconds"] = time.perf_counter() - start
-            if error:
-                results[f"sections.{name}.error"] = error
-            log_file.write(f"=== section {name}: {status} in {results[f'sections.{name}.seconds']:.1f} s"
-                           f"{'' if error is None else ': ' + error}\n")
-            log_file.flush()
-            _write(out, results)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with open(log, "w") as log_file:
+            for name in sections:
+                if not _drive_section(name, dry_run, env, out, log_file, results):
+                    break
+    except _Stopped:  # between two sections
+        results["run.stopped"] = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     results["run.ok"] = all(results.get(f"sections.{n}.status") == "ok" for n in sections) and \
         bool(results.get("kernels.ok", True)) and bool(results.get("graph.ok", True))
     _write(out, results)
     return results
+
+
+def _drive_section(name, dry_run, env, out: Path, log_file, results: dict) -> bool:
+    """Run one section, merge its results and status into `results`, rewrite the JSON. False when stopped."""
+    limit = DRY_RUN_LIMIT_S if dry_run else SECTIONS[name]
+    part = out.with_name(f".{out.name}.{name}.part")
+    part.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--part", str(part)]
+    cmd += ["--dry-run"] if dry_run else []
+    log_file.write(f"=== section {name} (limit {limit} s)\n")
+    log_file.flush()
+    start = time.perf_counter()
+    stopped = False
+    try:
+        status, error = _run_process(cmd, env, limit, log_file)
+    except _Stopped:
+        status, error, stopped = "stopped", "the overall time limit stopped the check here", True
+    if part.exists():
+        results.update(json.loads(part.read_text()))
+        part.unlink()
+    elif status == "ok":
+        status, error = "failed", "no results written"
+    results[f"sections.{name}.status"] = status
+    results[f"sections.{name}.seconds"] = time.perf_counter() - start
+    if error:
+        results[f"sections.{name}.error"] = error
+    log_file.write(f"=== section {name}: {status} in {results[f'sections.{name}.seconds']:.1f} s"
+                   f"{'' if error is None else ': ' + error}\n")
+    log_file.flush()
+    _write(out, results)
+    return not stopped
 
 
 def main(argv=None) -> int:
