@@ -23,6 +23,9 @@ import torch
 GEMV_MAX_ROWS = 4  # above this a 16-row tensor-core tile beats CUDA-core reduction (to be confirmed on the GPU)
 DECODE_MAX_ROWS = 16  # the decode range: small tiles and split-K
 MAX_SPLIT_K = 8
+# Decode reads weights at a low arithmetic intensity: enough programs in flight per SM (split-K where the output
+# alone gives too few) keep loads outstanding; prefill tiles only split when there are fewer tiles than SMs.
+DECODE_PROGRAMS_PER_SM = 8
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -108,9 +111,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def split_k_for(programs: int, k: int, block_k: int, sm_count: int) -> int:
-    """Splits of K so that about two programs per SM run, each split at least one BLOCK_K long."""
-    want = _cdiv(2 * sm_count, max(1, programs))
+def split_k_for(programs: int, k: int, block_k: int, sm_count: int, per_sm: int = DECODE_PROGRAMS_PER_SM) -> int:
+    """Splits of K so that about `per_sm` programs per SM run, each split at least one BLOCK_K long."""
+    want = _cdiv(per_sm * sm_count, max(1, programs))
     return max(1, min(want, MAX_SPLIT_K, _cdiv(k, block_k)))
 
 
@@ -126,7 +129,7 @@ def choose_config(rows: int, n: int, k: int, bits: int, sm_count: int) -> Config
                       num_warps=4, num_stages=3)
     block_m = 64 if rows <= 64 else 128
     programs = _cdiv(rows, block_m) * _cdiv(n, 128)
-    return Config("mm", block_m, 128, 64, split_k_for(programs, k, 64, sm_count) if programs < sm_count else 1,
+    return Config("mm", block_m, 128, 64, split_k_for(programs, k, 64, sm_count, 2) if programs < sm_count else 1,
                   num_warps=8, num_stages=3)  # 4 warps spill registers on the INT8 64x128 tile (sm_90 build)
 
 

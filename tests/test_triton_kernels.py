@@ -81,18 +81,23 @@ def test_default_configs_and_leading_dims(bits, rows):
 
 
 def test_choose_config_covers_decode_and_prefill():
-    assert tm.choose_config(1, 12288, 12288, 4, 132).kernel == "gemv"
-    assert tm.choose_config(8, 12288, 12288, 4, 132) == tm.Config("mm", 16, 64, 128, split_k=2, num_warps=4,
-                                                                  num_stages=3)
-    assert tm.choose_config(2048, 36864, 12288, 8, 132).block_m == 128
-    split = tm.choose_config(1, 12288, 32768, 4, 132).split_k  # 384 programs for 132 SMs: no split needed
-    assert split == 1
-    assert tm.choose_config(1, 1024, 32768, 4, 132).split_k > 1  # 32 programs: split K
+    sms = 132
+    one_row = tm.choose_config(1, 12288, 12288, 4, sms)
+    assert one_row.kernel == "gemv" and one_row.block_m == 1
+    eight = tm.choose_config(8, 12288, 12288, 4, sms)
+    assert (eight.kernel, eight.block_m) == ("mm", 16)
+    for cfg, n in ((one_row, 12288), (eight, 12288)):  # decode: split-K up to about 8 programs per SM
+        programs = -(-n // cfg.block_n) * cfg.split_k
+        assert cfg.split_k > 1 and programs >= tm.DECODE_PROGRAMS_PER_SM * sms - -(-n // cfg.block_n)
+    assert tm.choose_config(1, 65536, 12288, 4, sms).split_k == 1  # 2048 programs already
+    prefill = tm.choose_config(2048, 36864, 12288, 8, sms)
+    assert (prefill.block_m, prefill.split_k) == (128, 1)
 
 
 def test_split_k_never_exceeds_k_blocks():
     assert tm.split_k_for(1, 64, 64, 132) == 1
     assert tm.split_k_for(1, 10 ** 6, 64, 132) == tm.MAX_SPLIT_K
+    assert tm.split_k_for(10 ** 4, 10 ** 6, 64, 132) == 1
 
 
 @pytest.mark.parametrize("bits", [8, 4])
