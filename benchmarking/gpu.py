@@ -7,7 +7,7 @@ from typing import Callable, Dict
 import torch
 
 from benchmarking.timing import sync
-from generation.graph_decode import DeviceSampler, OneTokenStep, StaticKVCache, StepRunner
+from generation.graph_decode import DeviceSampler, OneTokenStep, StaticKVCache, StepRunner, slots_for
 from model import mpu
 
 
@@ -70,13 +70,17 @@ def time_static_decode(model, batch: int, prompt: int, steps: int, use_graph: bo
                                       logits_index=torch.full((batch,), prompt - 1, device=device))
     step.tokens.copy_(sampler(logits[:, -1]).clamp_min(0)[:, None])
     runner = StepRunner(step, step.state(), device, use_graph)
-    runner()  # capture (graph) or first call
+
+    def one_step():
+        runner(slots_for(cache.length, cache.max_length))
+        cache.length += 1
+    one_step()  # capture (graph) or first call
     step.ids.cpu()
     sync(device)
     t0 = time.perf_counter()
     ids = []
     for _ in range(steps - 1):
-        runner()
+        one_step()
         ids.append(step.ids.cpu())
     seconds = (time.perf_counter() - t0) / max(1, steps - 1)
     return {"ms_per_token": seconds * 1e3, "tokens_per_s": batch / seconds, "steps": steps - 1,

@@ -8,11 +8,13 @@ CUDA-specific. Pieces:
   place (the filled positions of each layer are gathered and copied back), never by swapping in new tensors.
 - `OneTokenStep`: the step over static buffers. Each row's position id and attention-mask row for the next column
   are read on the device from the decoding layout at `index`; keys/values are written at `index` with index_copy_;
-  attention runs over all max_length slots with the unwritten ones masked (their zeros get probability 0).
+  attention runs over the first `slots` slots (the cache length rounded up to SLOT_BUCKET: one graph per bucket)
+  with the unwritten ones masked (their zeros get probability 0).
 - `DeviceSampler`: BaseStrategy's choice on the device: fp32 logits / temperature, invalid ids, the min-length ban
   of end tokens, then argmax (top_k == 1) or top_k_logits' top-k/top-p filter and one inverse-CDF sample; rows that
   produced an end token are done (-1 afterwards). Only the chosen ids (and the done flags) are read by the host.
-- `StepRunner`: eager call, or a CUDA graph captured after two warm-up runs whose side effects are undone.
+- `StepRunner`: eager call, or a CUDA graph per slot bucket, captured after two warm-up runs whose side effects are
+  undone.
 - `static_filling_sequence`: the decoding loop over these (BaseStrategy on the device, or any host strategy such as
   BeamSearchStrategy fed with the step's logits), with batch_filling_sequence's inputs and results.
 Tensor parallelism is not supported here (collectives inside a captured graph): model-parallel size 1 only.
@@ -60,16 +62,24 @@ class StaticKVCache(KVCache):
             buf[:rows, :, :n].copy_(buf[:, :, :n].index_select(0, index))
 
 
-class _StaticPast:
-    """The attention's past for OneTokenStep: write the new key/value at `index`, attend over every slot."""
+SLOT_BUCKET = 256  # attention reads the first multiple of this many slots that holds every written position
 
-    def __init__(self, cache: StaticKVCache):
-        self.cache = cache
+
+def slots_for(length: int, max_length: int) -> int:
+    """Slots a step at host-side cache length `length` attends over (one captured graph per bucket)."""
+    return min(max_length, -(-(length + 1) // SLOT_BUCKET) * SLOT_BUCKET)
+
+
+class _StaticPast:
+    """The attention's past for OneTokenStep: write the new key/value at `index`, attend over the first `slots`."""
+
+    def __init__(self, cache: StaticKVCache, slots: int):
+        self.cache, self.slots = cache, slots
 
     def update(self, layer_id, k, v):
         self.cache.k[layer_id].index_copy_(2, self.cache.index, k)
         self.cache.v[layer_id].index_copy_(2, self.cache.index, v)
-        return self.cache.k[layer_id], self.cache.v[layer_id]
+        return self.cache.k[layer_id][:, :, :self.slots], self.cache.v[layer_id][:, :, :self.slots]
 
 
 class DeviceSampler:
@@ -157,11 +167,13 @@ class OneTokenStep:
         if self.mask.shape[0] > 1:
             self.mask.copy_(self.mask.index_select(0, index))
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self, slots: Optional[int] = None) -> torch.Tensor:
+        """One token per row, attending over the first `slots` cache slots (default all; see slots_for)."""
+        slots = slots or self.cache.max_length
         index = self.cache.index
         positions = self.positions.index_select(1, index)
-        mask = self.mask.index_select(2, index) | (self.slots > index)  # [rows|1, 1, 1, max_length]
-        logits, _ = self.model._run(self.tokens, positions, mask, _StaticPast(self.cache), keep_kv=False)
+        mask = self.mask[..., :slots].index_select(2, index) | (self.slots[:slots] > index)  # [rows|1, 1, 1, slots]
+        logits, _ = self.model._run(self.tokens, positions, mask, _StaticPast(self.cache, slots), keep_kv=False)
         index.add_(1)
         if self.sampler is not None:
             self.ids = self.sampler(logits[:, -1])
@@ -170,37 +182,40 @@ class OneTokenStep:
 
 
 class StepRunner:
-    """Runs a zero-argument step eagerly, or (CUDA, use_graph) replays it from a CUDA graph captured on first use.
+    """Runs step(key) eagerly, or (CUDA, use_graph) replays it from a CUDA graph captured on first use of each key
+    (the slot bucket: static shapes per graph).
 
     Capture needs every lazy allocation and kernel compilation done first: two warm-up runs on a side stream, whose
     effects on `state` tensors are undone before capturing (capturing itself executes nothing)."""
 
-    def __init__(self, step: Callable[[], torch.Tensor], state: List[torch.Tensor], device, use_graph: bool):
+    def __init__(self, step: Callable[..., torch.Tensor], state: List[torch.Tensor], device, use_graph: bool):
         self.step, self.state, self.device = step, state, torch.device(device)
         self.use_graph = use_graph and self.device.type == "cuda"
-        self.graph = self.output = None
+        self.graphs = {}  # key -> (graph, its output tensor)
 
-    def _capture(self) -> None:
+    def _capture(self, key):
         saved = [t.clone() for t in self.state]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.step()
+                self.step(key)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         for t, s in zip(self.state, saved):
             t.copy_(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = self.step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self.step(key)
+        return graph, output
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self, key=None) -> torch.Tensor:
         if not self.use_graph:
-            return self.step()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.output
+            return self.step(key)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(key)
+        graph, output = self.graphs[key]
+        graph.replay()
+        return output
 
 
 def default_use_graph(device) -> bool:
@@ -232,7 +247,7 @@ def _generate_on_device(model, seqs, context_lengths, strategy: BaseStrategy, po
         columns.append(host[:rows])
         if bool(host[rows:].all()) or len(columns) >= max_gen:
             break
-        runner()
+        runner(slots_for(cache.length, cache.max_length))
         cache.length += 1
         ids = step.ids
     tokens = torch.cat([seqs.cpu(), torch.stack(columns, dim=1)], dim=1).to(seqs.device)
@@ -266,7 +281,7 @@ def _generate_with_host_strategy(model, seqs, context_lengths, strategy, positio
         if strategy.is_done or n >= max_gen:
             break
         step.tokens.copy_(tokens[..., -1].reshape(-1, 1).clamp_min(0))
-        logits = runner()[: batch * beams]
+        logits = runner(slots_for(cache.length, cache.max_length))[: batch * beams]
         cache.length += 1  # host bookkeeping of the filled positions (reorder copies those)
     return strategy.finalize(tokens, None)
 

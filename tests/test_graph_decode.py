@@ -41,6 +41,22 @@ def test_greedy_ids_equal_the_decoding_loop(which, device_sampling, model, bf16_
     assert got.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("device_sampling", [True, False])
+def test_slot_buckets_change_nothing(device_sampling, model, monkeypatch):
+    """Attention over a few slots at a time (buckets of 4, growing as the cache fills) gives the loop's ids."""
+    from generation import graph_decode
+    monkeypatch.setattr(graph_decode, "SLOT_BUCKET", 4)
+    assert graph_decode.slots_for(5, 100) == 8 and graph_decode.slots_for(7, 100) == 8
+    assert graph_decode.slots_for(8, 100) == 12 and graph_decode.slots_for(99, 100) == 100
+    rows, mask_positions, gmask = _prompts()
+    seqs, lengths, layout = generation_layout(rows, mask_positions, gmask, 6)
+    strategy = _greedy if device_sampling else (lambda: _beam(3))
+    expected, _ = batch_filling_sequence(model, seqs, lengths, strategy(), layout)
+    got, _ = static_filling_sequence(model, seqs, lengths, strategy(), layout, device_sampling=device_sampling)
+    as_lists = (lambda t: t.tolist()) if device_sampling else (lambda t: [[b.tolist() for b in per] for per in t])
+    assert as_lists(got) == as_lists(expected)
+
+
 def test_end_tokens_and_min_length_on_device(model):
     """Rows stop at an end token (-1 afterwards) exactly as the loop's BaseStrategy; min_gen_length bans them."""
     rows, mask_positions, gmask = _prompts()
