@@ -1,6 +1,7 @@
 """server.py through scripts/server.sh on the demo model, driven by the official openai client over loopback:
 greedy text equals generate.py's, echo log-probs equal the evaluation's, streaming, 32 concurrent streams."""
 import json
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -19,9 +20,10 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def server(demo_dir, tmp_path_factory):
+    """The README's start command, on a free port (ServerProcess appends --port, which wins)."""
+    from tests.test_readme import readme_command
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = ServerProcess(["bash", "scripts/server.sh", "--max-slots", "8", "--max-queue", "64"], demo_env(demo_dir),
-                         log)
+    proc = ServerProcess(shlex.split(readme_command("bash scripts/server.sh")), demo_env(demo_dir), log)
     try:
         proc.wait_ready()
         yield proc
