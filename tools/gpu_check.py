@@ -68,12 +68,18 @@ def _with_layers(flags, layers):
 class Context:
     """What a section needs to know: the device, the 16-bit dtype, and the sizes (real, or tiny for --dry-run)."""
 
-    def __init__(self, dry_run: bool):
+    def __init__(self, dry_run: bool, part: Path):
         import torch
-        self.dry_run = dry_run
+        self.dry_run, self.part = dry_run, part
         self.device = torch.device("cpu" if dry_run else "cuda")
         self.dtype16 = torch.bfloat16 if dry_run else torch.float16  # CPU fp16 matmuls are a slow fallback
         self.dtype_flag = "--bf16" if dry_run else "--fp16"
+
+    def checkpoint(self, results: dict) -> None:
+        """Write what a section has so far: a section stopped by its time limit still reports it."""
+        tmp = self.part.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, default=str))
+        os.replace(tmp, self.part)
 
     def build(self, model_flags, bits=None):
         import initialize
@@ -124,9 +130,8 @@ def _timed_shapes(dry_run):
 
 def section_kernels(ctx) -> dict:
     import torch
-    from benchmarking.gpu import device_time, hbm_read_bandwidth, matmul_peak_events
+    from benchmarking.gpu import hbm_read_bandwidth, matmul_peak_events
     from kernels import triton_matmul as tm
-    from quantization import matmul
     from quantization.functional import dequantize
     out, ok = {}, True
     for bits in (8, 4):
@@ -134,40 +139,63 @@ def section_kernels(ctx) -> dict:
             for rows, n, k in _kernel_shapes(ctx.dry_run):
                 if bits == 8 and not ctx.dry_run and (rows, n, k) == (5, 777, 1534):
                     k = 1535  # odd K for INT8
-                x, q, scale = _random_case(rows, n, k, bits, dtype, ctx.device)
-                ref = x.double() @ dequantize(q, scale, bits, torch.float64).T
-                y = tm.weight_only_matmul(x, q, scale, bits)
-                err = ((y.double() - ref).abs() / (ref.abs() + 1e-3 * ref.abs().max())).max().item()
-                tol = 2 ** -10 if dtype == torch.float16 else 2 ** -7
-                out[f"kernels.check.int{bits}.{_dt(dtype)}.{rows}x{n}x{k}.max_rel_err"] = err
-                ok &= err <= tol
+                key = f"kernels.check.int{bits}.{_dt(dtype)}.{rows}x{n}x{k}"
+                try:
+                    x, q, scale = _random_case(rows, n, k, bits, dtype, ctx.device)
+                    ref = x.double() @ dequantize(q, scale, bits, torch.float64).T
+                    y = tm.weight_only_matmul(x, q, scale, bits)
+                    err = ((y.double() - ref).abs() / (ref.abs() + 1e-3 * ref.abs().max())).max().item()
+                except Exception as e:
+                    out[f"{key}.error"], ok = repr(e)[:300], False
+                    continue
+                out[f"{key}.max_rel_err"] = err
+                ok &= err <= (2 ** -10 if dtype == torch.float16 else 2 ** -7)
     out["kernels.ok"] = bool(ok)
+    ctx.checkpoint(out)
     bandwidth = hbm_read_bandwidth(ctx.device, (64 << 20) if ctx.dry_run else (4 << 30), 3)["torch_sum"]
     peak = max(matmul_peak_events(ctx.device, ctx.dtype16, [(256, 256, 256)] if ctx.dry_run else [(8192, 8192, 8192)],
                                   2).values())
     out["kernels.machine.read_bandwidth_bytes_per_s"], out["kernels.machine.matmul_peak_flop_per_s"] = bandwidth, peak
-    reps = 1 if ctx.dry_run else 3
     for bits in (8, 4):
         for rows, n, k in _timed_shapes(ctx.dry_run):
-            x, q, scale = _random_case(rows, n, k, bits, ctx.dtype16, ctx.device)
-            dense = dequantize(q, scale, bits, ctx.dtype16)
             key = f"kernels.time.int{bits}.rows{rows}.{n}x{k}"
-            fused = device_time(lambda: tm.weight_only_matmul(x, q, scale, bits), ctx.device, reps, inner=3)
-            dequant = device_time(lambda: torch.mm(x, matmul.dequantized_t(q, scale, bits, matmul.ORIGINAL,
-                                                                           x.dtype)), ctx.device, reps, inner=3)
-            fp16 = device_time(lambda: torch.mm(x, dense.t()), ctx.device, reps, inner=3)
-            out.update({f"{key}.fused_us": fused * 1e6, f"{key}.dequantize_mm_us": dequant * 1e6,
-                        f"{key}.fp16_mm_us": fp16 * 1e6, f"{key}.config": repr(_config_for(tm, rows, n, k, bits, x))})
-            if rows <= tm.DECODE_MAX_ROWS:
-                out[f"{key}.roofline_fraction"] = q.numel() / fused / bandwidth
-                out[f"{key}.fp16_roofline_fraction"] = 2 * n * k / fp16 / bandwidth
-                alt = _alternative_config(tm, rows, n, k, bits, x)
-                out[f"{key}.alt_us"] = device_time(lambda: tm.weight_only_matmul(x, q, scale, bits, alt),
-                                                   ctx.device, reps, inner=3) * 1e6
-                out[f"{key}.alt_config"] = repr(alt)
-            else:
-                out[f"{key}.mfu"] = 2 * rows * n * k / fused / peak
-                out[f"{key}.fp16_mfu"] = 2 * rows * n * k / fp16 / peak
+            try:
+                out.update(_time_kernels(ctx, key, rows, n, k, bits, bandwidth, peak))
+            except Exception as e:  # one shape's failure (e.g. a config that does not build) is recorded
+                out[f"{key}.error"] = repr(e)[:300]
+            ctx.checkpoint(out)
+    return out
+
+
+def _time_kernels(ctx, key, rows, n, k, bits, bandwidth, peak) -> dict:
+    """One shape: the fused kernel (its default config and, for decode rows, the other decode kernel), the
+    dequantize-then-GEMM path, and the dense 16-bit GEMM."""
+    import torch
+    from benchmarking.gpu import device_time
+    from kernels import triton_matmul as tm
+    from quantization import matmul
+    from quantization.functional import dequantize
+    reps = 1 if ctx.dry_run else 3
+    x, q, scale = _random_case(rows, n, k, bits, ctx.dtype16, ctx.device)
+    dense = dequantize(q, scale, bits, ctx.dtype16)
+    fused = device_time(lambda: tm.weight_only_matmul(x, q, scale, bits), ctx.device, reps, inner=3)
+    dequant = device_time(lambda: torch.mm(x, matmul.dequantized_t(q, scale, bits, matmul.ORIGINAL, x.dtype)),
+                          ctx.device, reps, inner=3)
+    fp16 = device_time(lambda: torch.mm(x, dense.t()), ctx.device, reps, inner=3)
+    out = {f"{key}.fused_us": fused * 1e6, f"{key}.dequantize_mm_us": dequant * 1e6, f"{key}.fp16_mm_us": fp16 * 1e6,
+           f"{key}.config": repr(_config_for(tm, rows, n, k, bits, x))}
+    if rows > tm.DECODE_MAX_ROWS:
+        out[f"{key}.mfu"] = 2 * rows * n * k / fused / peak
+        out[f"{key}.fp16_mfu"] = 2 * rows * n * k / fp16 / peak
+        return out
+    out[f"{key}.roofline_fraction"] = q.numel() / fused / bandwidth
+    out[f"{key}.fp16_roofline_fraction"] = 2 * n * k / fp16 / bandwidth
+    alt = _alternative_config(tm, rows, n, k, bits, x)
+    out[f"{key}.alt_config"] = repr(alt)
+    y, y_alt = tm.weight_only_matmul(x, q, scale, bits), tm.weight_only_matmul(x, q, scale, bits, alt)
+    out[f"{key}.alt_vs_fused_max_rel"] = ((y_alt.float() - y.float()).abs().max() / y.float().abs().max()).item()
+    out[f"{key}.alt_us"] = device_time(lambda: tm.weight_only_matmul(x, q, scale, bits, alt), ctx.device, reps,
+                                       inner=3) * 1e6
     return out
 
 
@@ -223,6 +251,7 @@ def section_graph(ctx) -> dict:
         out[f"graph.{name}.ids_equal_static_eager"] = graph.tolist() == eager.tolist()
         ok &= out[f"graph.{name}.ids_equal_static_eager"]
         del model
+        ctx.checkpoint(out)
     out["graph.ok"] = bool(ok)  # vs the loop, a near-tie can flip in fp16 (different summation): recorded only
     return out
 
@@ -267,8 +296,7 @@ def section_slice(ctx) -> dict:
     """8 layers of GLM-130B's shape + its embedding, per format: batch 1/8 graph decode against the measured HBM
     roofline, eager static step (graph effect at scale), prefill 512/2048 MFU against the measured matmul peak."""
     import torch
-    from benchmarking.arithmetic import forward_flops
-    from benchmarking.gpu import hbm_read_bandwidth, matmul_peak_events, time_static_decode
+    from benchmarking.gpu import hbm_read_bandwidth, matmul_peak_events
     flags = TINY if ctx.dry_run else _with_layers(GLM_130B, SLICE_LAYERS)
     bandwidth = hbm_read_bandwidth(ctx.device, (64 << 20) if ctx.dry_run else (4 << 30), 3)["torch_sum"]
     peak = max(matmul_peak_events(ctx.device, ctx.dtype16,
@@ -279,21 +307,32 @@ def section_slice(ctx) -> dict:
     steps = 4 if ctx.dry_run else 48
     lengths = [16] if ctx.dry_run else [512, 2048]
     for name, bits in FORMATS.items():
-        model = ctx.build(flags, bits)
-        out.update(_decode_figures(model, ctx, f"slice.{name}", bandwidth, (1, 8), steps))
-        eager = time_static_decode(model, 1, 8 if ctx.dry_run else 128, steps // 2, use_graph=False)
-        out[f"slice.{name}.eager_ms_per_token"] = eager["ms_per_token"]
-        for n in lengths:
-            t = _prefill_seconds(model, n, ctx.device)
-            out[f"slice.{name}.prefill.{n}.ms"] = t * 1e3
-            out[f"slice.{name}.prefill.{n}.mfu"] = forward_flops(model.config, n, n) / t / peak
-        del model
+        try:
+            out.update(_slice_format(ctx, flags, name, bits, bandwidth, peak, steps, lengths))
+        except Exception as e:  # e.g. out of memory in one format: the others still run
+            out[f"slice.{name}.error"] = repr(e)[:300]
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
+        ctx.checkpoint(out)
     for name in ("int8", "int4"):
-        out[f"slice.{name}.speedup_vs_fp16"] = out["slice.fp16.ms_per_token"] / out[f"slice.{name}.ms_per_token"]
+        if f"slice.{name}.ms_per_token" in out and "slice.fp16.ms_per_token" in out:
+            out[f"slice.{name}.speedup_vs_fp16"] = out["slice.fp16.ms_per_token"] / out[f"slice.{name}.ms_per_token"]
     for n in lengths:
-        out[f"prefill.{n}.mfu"] = out[f"slice.fp16.prefill.{n}.mfu"]
+        out[f"prefill.{n}.mfu"] = out.get(f"slice.fp16.prefill.{n}.mfu")
+    return out
+
+
+def _slice_format(ctx, flags, name, bits, bandwidth, peak, steps, lengths) -> dict:
+    from benchmarking.arithmetic import forward_flops
+    from benchmarking.gpu import time_static_decode
+    model = ctx.build(flags, bits)
+    out = _decode_figures(model, ctx, f"slice.{name}", bandwidth, (1, 8), steps)
+    eager = time_static_decode(model, 1, 8 if ctx.dry_run else 128, steps // 2, use_graph=False)
+    out[f"slice.{name}.eager_ms_per_token"] = eager["ms_per_token"]
+    for n in lengths:
+        t = _prefill_seconds(model, n, ctx.device)
+        out[f"slice.{name}.prefill.{n}.ms"] = t * 1e3
+        out[f"slice.{name}.prefill.{n}.mfu"] = forward_flops(model.config, n, n) / t / peak
     return out
 
 
@@ -333,14 +372,13 @@ def run_section(name: str, dry_run: bool, part: Path) -> None:
     stub_absent_modules()
     import initialize
     import torch
-    ctx = Context(dry_run)
+    ctx = Context(dry_run, part)
     initialize.initialize(None, [*TINY, "--device", str(ctx.device), "--random-init"])
     torch.backends.cuda.matmul.allow_tf32 = False
     if os.environ.get("GLM_GPU_CHECK_FAIL") == name:  # tests: a failing section must not stop the others
         raise RuntimeError(f"injected failure in section {name}")
     fn = globals()[f"section_{name}"]
-    results = fn(ctx, part) if name == "bench" else fn(ctx)
-    part.write_text(json.dumps(results, default=str))
+    ctx.checkpoint(fn(ctx, part) if name == "bench" else fn(ctx))
 
 
 def _last_line(text: str) -> str:
@@ -399,8 +437,9 @@ def drive(out: Path, log: Path, dry_run: bool, sections) -> dict:
         results["run.stopped"] = True
     finally:
         signal.signal(signal.SIGTERM, previous)
-    results["run.ok"] = all(results.get(f"sections.{n}.status") == "ok" for n in sections) and \
-        bool(results.get("kernels.ok", True)) and bool(results.get("graph.ok", True))
+    results["run.ok"] = (all(results.get(f"sections.{n}.status") == "ok" for n in sections)
+                         and bool(results.get("kernels.ok", True)) and bool(results.get("graph.ok", True))
+                         and not any(k.endswith(".error") for k in results))
     _write(out, results)
     return results
 
