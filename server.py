@@ -60,8 +60,14 @@ def serve(args, engine, tokenizer) -> None:
     limits = Limits(args.served_model_name, args.max_sequence_length, args.max_n, args.max_queue)
     app = build_app(scheduler, tokenizer, limits, metrics)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="off",
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5)  # the engine cancels first
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            scheduler.drain(args.shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it caught once it has stopped
         signal.signal(sig, lambda *_: None)
     scheduler.start()

@@ -132,7 +132,8 @@ def build_app(scheduler, tokenizer, limits: Limits, metrics) -> FastAPI:
             scheduler.submit(req.specs, flight.sink)
         except QueueFull as e:
             metrics.request("rejected")
-            return error_response(ApiError(429, str(e), None, "rate_limit_error"))
+            kind = "rate_limit_error" if e.status == 429 else "server_error"
+            return error_response(ApiError(e.status, str(e), None, kind))
         if req.stream:
             return StreamingResponse(_stream(flight, scheduler, limits, metrics), media_type="text/event-stream")
         return await _collect(flight, request, scheduler, limits, metrics)

@@ -18,7 +18,11 @@ STOP = {"stop": True}
 
 
 class QueueFull(Exception):
-    pass
+    status = 429
+
+
+class ShuttingDown(QueueFull):
+    status = 503
 
 
 class Scheduler:
@@ -30,6 +34,8 @@ class Scheduler:
         self.submitted: Dict[int, float] = {}
         self.cond = threading.Condition()
         self.stopping = False
+        self.drain_at = None  # after a signal: when whatever still runs is cancelled
+        self.shutdown_events: List[Event] = []  # cancellations of queued sequences, sent after the next apply
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.failed = None  # the exception that stopped the engine thread, if any
 
@@ -37,8 +43,8 @@ class Scheduler:
     def submit(self, specs: List[SequenceSpec], sink: Callable[[Event], None]) -> None:
         """Queue the sequences, all or none (QueueFull past --max-queue); `sink` gets their events."""
         with self.cond:
-            if self.stopping:
-                raise QueueFull("the server is shutting down")
+            if self.stopping or self.drain_at is not None:
+                raise ShuttingDown("the server is shutting down")
             if len(self.waiting) + len(specs) > self.max_queue:
                 raise QueueFull(f"the queue is full ({len(self.waiting)} waiting, --max-queue {self.max_queue})")
             for spec in specs:
@@ -68,6 +74,15 @@ class Scheduler:
     def start(self) -> None:
         self.thread.start()
 
+    def drain(self, grace: float) -> None:
+        """The server is going down: refuse new requests, give the running ones `grace` seconds, then cancel them.
+        Safe in a signal handler (one attribute store, no lock)."""
+        if self.drain_at is None:
+            self.drain_at = time.monotonic() + grace
+
+    def _drain_due(self) -> bool:
+        return self.drain_at is not None and time.monotonic() >= self.drain_at
+
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel whatever is queued or running and end the thread (and, under TP, the other ranks' loops)."""
         with self.cond:
@@ -84,9 +99,13 @@ class Scheduler:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return {}
-                self.cond.wait(left)
+                self.cond.wait(min(left, 1.0))
             if self.stopping:
                 return STOP
+            if self._drain_due():
+                self.shutdown_events += [Event(s.seq_id, finish_reason="cancelled") for s in self.waiting]
+                self.waiting.clear()
+                self.cancelled += [s.spec.seq_id for s in self.engine.slots if s is not None]
             work = {"cancel": self.cancelled}
             self.cancelled = []
             if self._admissible():
@@ -106,7 +125,9 @@ class Scheduler:
                     return
                 if not work and not self.distributed:
                     continue
-                self._dispatch(self._apply(work))
+                events = self._apply(work)
+                events, self.shutdown_events = events + self.shutdown_events, []
+                self._dispatch(events)
         except BaseException as e:  # the engine is broken: fail every request rather than hang them
             self.failed = e
             traceback.print_exc(file=sys.stderr)

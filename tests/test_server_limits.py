@@ -1,6 +1,8 @@
 """server.py's limits on the demo model: a full queue answers 429 at once, a client that goes away frees its slot,
 and bad requests get one-line OpenAI-shaped 4xx JSON errors while the server goes on answering."""
 import json
+import os
+import signal
 import threading
 import time
 
@@ -132,3 +134,24 @@ def test_answers_after_the_bad_requests(server):
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"].startswith("A")
     assert "chat" in httpx.post(server.url + "/v1/chat/completions", json={}).json()["error"]["message"]
     assert metrics(server)['glm_requests_total{outcome="bad_request"}'] >= 20
+
+
+def test_sigterm_with_a_stream_in_flight_stops_cleanly(demo_dir, tmp_path):
+    """SIGTERM while a stream decodes: the stream gets --shutdown-timeout to finish, then ends with finish_reason
+    "cancelled" and [DONE]; the server exits 0 without a traceback."""
+    cmd = ["python", "server.py", *demo_model_args(demo_dir), "--max-slots", "2", "--shutdown-timeout", "1"]
+    proc = ServerProcess(cmd, demo_env(demo_dir), tmp_path / "server.log")
+    try:
+        proc.wait_ready()
+        with httpx.stream("POST", proc.url + "/v1/completions", timeout=60,
+                          json=greedy("Tell me a story about a cat.", LONG, True)) as running:
+            lines = running.iter_lines()
+            next(lines)
+            os.kill(proc.serving_pid(), signal.SIGTERM)
+            received = [line for line in lines if line.startswith("data: ")]
+        assert received[-1] == "data: [DONE]" and len(received) < LONG  # cut short, not run to the end
+        assert json.loads(received[-2][6:])["choices"][0]["finish_reason"] == "cancelled"
+        assert proc.stop() == 0, proc.output()[-3000:]
+        assert "> server rank 0 stopped" in proc.output() and "Traceback" not in proc.output()
+    finally:
+        proc.kill()

@@ -82,8 +82,9 @@ def measure(url: str, streams: int, words: int, max_tokens: int) -> dict:
     many = concurrent(url, streams, words, max_tokens)
     ttft = [r["times"][0] - r["sent"] for r in many]
     single_rate, aggregate = decode_rate([single]), decode_rate(many)
-    from server.metrics import parse
-    server = parse(httpx.get(url + "/metrics", timeout=30).text)
+    server = dict(line.rsplit(" ", 1) for line in httpx.get(url + "/metrics", timeout=30).text.splitlines()
+                  if line and not line.startswith("#"))
+    server = {name: float(value) for name, value in server.items()}
     return {"streams": streams, "max_tokens": max_tokens, "prompt_words": words,
             "single.tokens": len(single["times"]), "single.decode_tokens_per_s": single_rate,
             "single.ttft_s": single["times"][0] - single["sent"],
