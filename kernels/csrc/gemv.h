@@ -130,4 +130,18 @@ struct GemvOps {
   }
 };
 
+// Defines ops.h's gemv_bf16 / gemv_int8 / gemv_int4 over `Kernel` (once per tier, in its gemv_<kind>.cpp).
+#define GLM_DEFINE_GEMV_OPS(Kernel)                                                                              \
+  at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {        \
+    return GemvOps<Kernel>::bf16w(x, w, bias);                                                                   \
+  }                                                                                                              \
+  at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,                        \
+                       const c10::optional<at::Tensor>& bias) {                                                  \
+    return GemvOps<Kernel>::int8w(x, w, scale, bias);                                                            \
+  }                                                                                                              \
+  at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,                        \
+                       const c10::optional<at::Tensor>& bias) {                                                  \
+    return GemvOps<Kernel>::int4w(x, w, scale, bias);                                                            \
+  }
+
 }  // namespace glm_cpu

@@ -295,16 +295,6 @@ struct Bf16DotKernel {
 
 }  // namespace
 
-at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  return GemvOps<Bf16DotKernel>::bf16w(x, w, bias);
-}
-at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                     const c10::optional<at::Tensor>& bias) {
-  return GemvOps<Bf16DotKernel>::int8w(x, w, scale, bias);
-}
-at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                     const c10::optional<at::Tensor>& bias) {
-  return GemvOps<Bf16DotKernel>::int4w(x, w, scale, bias);
-}
+GLM_DEFINE_GEMV_OPS(Bf16DotKernel)
 
 }  // namespace glm_cpu

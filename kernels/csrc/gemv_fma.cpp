@@ -1,22 +1,23 @@
-// The GEMV tiles of the avx512 and avx2 tiers: fp32 FMA on 16 (AVX-512F) or 8 (AVX2) lanes, for CPUs without
-// AVX-512 BF16. The driver (row chunks, streams, output) is gemv.h's.
+// The GEMV tiles of the avx512 and avx2 tiers, for CPUs without AVX-512 BF16: fp32 FMA on 16 (AVX-512F) or 8
+// (AVX2) lanes for bf16 and INT8 weights (FmaKernel), 16-bit integer products for INT4 (Int4ByInt16, below). The
+// driver (row chunks, streams, output) is gemv.h's.
 //
-// Weights are read one integer vector (kBlock = 4 * kLanes bytes) at a time and turned into kPhases fp32 vectors
-// with one or two integer instructions each, no shuffles: lane i of phase p holds the weight of column
+// FmaKernel reads weights one integer vector (kBlock = 4 * kLanes bytes) at a time and turns it into kPhases fp32
+// vectors with one or two integer instructions each, no shuffles: lane i of phase p holds the weight of column
 // block * kPhases * kLanes + kPhases * i + col(p), where
 //   BF16 (2 phases): the two bf16 of a 32-bit lane: low half << 16 (even column), high half & 0xFFFF0000 (odd);
-//   INT8 (4 phases): byte p of a 32-bit lane, masked in place and converted: q * 2^(8p), exact;
-//   INT4 (8 phases): nibble p of a 32-bit lane (GLM-130B's layout: the high nibble of a byte is the even column),
-//                    masked in place and converted: q * 2^(4p), exact.
-// x is laid out to match once per call (fp32, phase by phase, times 2^-(8p) / 2^-(4p), zero beyond K), so one FMA
-// per phase and activation row applies a weight vector. Every integer field but the top one is first offset to
-// unsigned (XOR 0x80 / 0x8) so masking needs no sign extension; the offset times the sum of those columns of x is
-// subtracted from the row sum at the end (in fp32; the rounding it adds is ~1e-6 relative, far below bf16's 4e-3).
+//   INT8 (4 phases): byte p of a 32-bit lane, masked in place and converted: q * 2^(8p), exact.
+// x is laid out to match once per call (fp32, phase by phase, times 2^-(8p), zero beyond K), so one FMA per phase
+// and activation row applies a weight vector. INT8's bytes but the top one are first offset to unsigned (XOR 0x80)
+// so masking needs no sign extension; the offset times the sum of those columns of x is subtracted from the row
+// sum at the end (in fp32; the rounding it adds is ~1e-6 relative, far below bf16's 4e-3).
 #include <ATen/ATen.h>
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -58,20 +59,26 @@ template <> struct Layout<Format::INT8> {
   template <int p> static inline VF weights(VI v) { return cvt_i32(and_i(v, set1i(int32_t(0xFFu << (8 * p))))); }
 };
 
-template <> struct Layout<Format::INT4> {
-  static constexpr int kPhases = 8;
-  static constexpr float kBias = 8.0f;
-  static constexpr int32_t kXor = 0x08888888;  // nibbles 0-6 -> q + 8; nibble 7 stays signed
-  static constexpr int col(int p) { return p ^ 1; }  // nibble 2j + 1 (high) is column 2j, nibble 2j column 2j + 1
-  static constexpr float xscale(int p) { return 1.0f / float(1u << (4 * p)); }
-  template <int p> static inline VF weights(VI v) { return cvt_i32(and_i(v, set1i(int32_t(0xFu << (4 * p))))); }
-};
-
 #define GLM_ALWAYS_INLINE __attribute__((always_inline))
 
 template <class Fn, int... P>
 GLM_ALWAYS_INLINE inline void for_each_phase(const Fn& fn, std::integer_sequence<int, P...>) {
   (fn(std::integral_constant<int, P>{}), ...);
+}
+
+// fn(std::integral_constant<int, M>) for a run-time row count mc in 1..8 (more than 8 is taken as 8).
+template <class Fn>
+inline void with_rows(int mc, const Fn& fn) {
+  switch (mc) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    case 6: return fn(std::integral_constant<int, 6>{});
+    case 7: return fn(std::integral_constant<int, 7>{});
+    default: return fn(std::integral_constant<int, 8>{});
+  }
 }
 
 struct FmaKernel {
@@ -191,31 +198,136 @@ struct FmaKernel {
   template <Format F>
   static void tiles(const Activations<F>& xs, int m0, int mc, const uint8_t* const* rows, int nrows, int64_t,
                     float* out) {
-    switch (mc) {
-      case 1: return any_rows<F, 1>(xs, m0, rows, nrows, out);
-      case 2: return any_rows<F, 2>(xs, m0, rows, nrows, out);
-      case 3: return any_rows<F, 3>(xs, m0, rows, nrows, out);
-      case 4: return any_rows<F, 4>(xs, m0, rows, nrows, out);
-      case 5: return any_rows<F, 5>(xs, m0, rows, nrows, out);
-      case 6: return any_rows<F, 6>(xs, m0, rows, nrows, out);
-      case 7: return any_rows<F, 7>(xs, m0, rows, nrows, out);
-      default: return any_rows<F, 8>(xs, m0, rows, nrows, out);
+    with_rows(mc, [&](auto mcon) { any_rows<F, decltype(mcon)::value>(xs, m0, rows, nrows, out); });
+  }
+};
+
+// INT4 by 16-bit integer products (vpmaddwd), faster than widening every nibble to fp32 (fewer instructions per
+// weight: two shifts sign-extend a nibble in place, one madd multiplies 2W of them). 16-bit lane i of a weight
+// vector holds 4 nibbles; nibble q is the weight of column 4i + (q ^ 1) of its block of 8W columns (GLM-130B's
+// layout: the high nibble of a byte is the even column). x is rounded once per call to int16 per block:
+// X = round(x * 2^(14 - e)) with 2^e > max |x| of the block, so |X| <= 2^14 and the rounding error is at most 2^-15
+// of the block's largest |x| (bf16 outputs are rounded at 2^-9 of their value). The madds of a block sum in int32
+// (|sum| < 2^20) and go into the fp32 accumulator once per block, times the block's 2^(e - 14).
+struct Int4ByInt16 {
+  static constexpr int64_t kCols = 8 * W;  // columns per block (kBlock bytes of weights)
+  static constexpr int kLanes16 = 2 * W;
+
+  struct Activations {
+    int64_t full_blocks = 0, tail_bytes = 0;
+    const int16_t* x[16] = {};
+    const float* scale[16] = {};
+
+    Activations(const bf16* xp, int64_t M, int64_t K) {
+      full_blocks = (K / 2) / kBlock;
+      tail_bytes = (K / 2) % kBlock;
+      const int64_t blocks = full_blocks + (tail_bytes > 0);
+      static thread_local std::vector<int16_t> xbuf;
+      static thread_local std::vector<float> sbuf;
+      if (int64_t(xbuf.size()) < M * blocks * kCols) xbuf.resize(M * blocks * kCols);
+      if (int64_t(sbuf.size()) < M * blocks) sbuf.resize(M * blocks);
+      for (int64_t m = 0; m < M; ++m) {
+        const bf16* src = xp + m * K;
+        int16_t* dst = xbuf.data() + m * blocks * kCols;
+        float* sc = sbuf.data() + m * blocks;
+        for (int64_t b = 0; b < blocks; ++b) {
+          auto value = [&](int64_t c) { return b * kCols + c < K ? to_f32(src[b * kCols + c]) : 0.0f; };
+          float top = 0.0f;
+          bool finite = true;
+          for (int64_t c = 0; c < kCols; ++c) {
+            top = std::max(top, std::fabs(value(c)));
+            finite = finite && std::isfinite(value(c));
+          }
+          int e = 0;
+          std::frexp(top, &e);  // top < 2^e
+          const float up = std::ldexp(1.0f, 14 - e);
+          sc[b] = finite ? std::ldexp(1.0f, e - 14) : std::numeric_limits<float>::quiet_NaN();
+          for (int i = 0; i < kLanes16; ++i)
+            for (int q = 0; q < 4; ++q)
+              dst[(b * 4 + q) * kLanes16 + i] = finite ? int16_t(std::lrint(value(4 * i + (q ^ 1)) * up)) : 0;
+        }
+        x[m] = dst;
+        scale[m] = sc;
+      }
     }
+  };
+
+  template <int q> static inline VI nibble(VI v) {  // nibble q of every 16-bit lane, sign-extended
+    if constexpr (q == 3) return srai16<12>(v);
+    else return srai16<12>(slli16<12 - 4 * q>(v));
+  }
+
+  template <int M, int R>
+  static void tile(const Activations& xs, int m0, const uint8_t* const* rows, float* out) {
+    VF acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = zero();
+    auto step = [&](const VI* v, int64_t b) GLM_ALWAYS_INLINE {
+      VI sum[R][M];
+      for_each_phase([&](auto qc) GLM_ALWAYS_INLINE {
+        constexpr int q = decltype(qc)::value;
+        VI xq[M];
+        for (int m = 0; m < M; ++m) xq[m] = loadu_i(xs.x[m0 + m] + (b * 4 + q) * kLanes16);
+        for (int r = 0; r < R; ++r) {
+          const VI w = nibble<q>(v[r]);
+          for (int m = 0; m < M; ++m) sum[r][m] = q == 0 ? madd_i16(w, xq[m]) : add_i32(sum[r][m], madd_i16(w, xq[m]));
+        }
+      }, std::make_integer_sequence<int, 4>{});
+      for (int m = 0; m < M; ++m) {
+        const VF s = set1(xs.scale[m0 + m][b]);
+        for (int r = 0; r < R; ++r) acc[r][m] = fmadd(cvt_i32(sum[r][m]), s, acc[r][m]);
+      }
+    };
+    const int64_t nb = xs.full_blocks;
+    for (int64_t b = 0; b < nb; ++b) {
+      VI v[R];
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = rows[r] + b * kBlock;
+        if (kBlock >= 64 || ((b * kBlock) & 63) == 0) prefetch(p);
+        v[r] = loadu_i(p);
+      }
+      step(v, b);
+    }
+    if (xs.tail_bytes > 0) {
+      VI v[R];
+      for (int r = 0; r < R; ++r) {
+        alignas(64) uint8_t tmp[kBlock] = {};
+        std::memcpy(tmp, rows[r] + nb * kBlock, size_t(xs.tail_bytes));
+        v[r] = loadu_i(tmp);
+      }
+      step(v, nb);
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) out[r * 16 + m] = reduce_add(acc[r][m]);
+  }
+
+  template <int M> static constexpr int rows_per_tile() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
+
+  static void tiles(const Activations& xs, int m0, int mc, const uint8_t* const* rows, int nrows, float* out) {
+    with_rows(mc, [&](auto mcon) {
+      constexpr int M = decltype(mcon)::value, R = rows_per_tile<M>();
+      int r = 0;
+      for (; r + R <= nrows; r += R) tile<M, R>(xs, m0, rows + r, out + r * 16);
+      for (; r < nrows; ++r) tile<M, 1>(xs, m0, rows + r, out + r * 16);
+    });
+  }
+};
+
+// This tier's kernel: FmaKernel, with INT4 through Int4ByInt16.
+struct TierKernel {
+  static constexpr int kRowsPerPass = FmaKernel::kRowsPerPass;
+  template <Format F>
+  using Activations = std::conditional_t<F == Format::INT4, Int4ByInt16::Activations, FmaKernel::Activations<F>>;
+  template <Format F>
+  static void tiles(const Activations<F>& xs, int m0, int mc, const uint8_t* const* rows, int nrows, int64_t K,
+                    float* out) {
+    if constexpr (F == Format::INT4) Int4ByInt16::tiles(xs, m0, mc, rows, nrows, out);
+    else FmaKernel::tiles<F>(xs, m0, mc, rows, nrows, K, out);
   }
 };
 
 }  // namespace
 
-at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  return GemvOps<FmaKernel>::bf16w(x, w, bias);
-}
-at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                     const c10::optional<at::Tensor>& bias) {
-  return GemvOps<FmaKernel>::int8w(x, w, scale, bias);
-}
-at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                     const c10::optional<at::Tensor>& bias) {
-  return GemvOps<FmaKernel>::int4w(x, w, scale, bias);
-}
+GLM_DEFINE_GEMV_OPS(TierKernel)
 
 }  // namespace glm_cpu

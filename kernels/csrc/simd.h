@@ -64,6 +64,10 @@ template <int n> inline VI slli32(VI a) { return _mm512_slli_epi32(a, n); }
 inline VF as_f(VI a) { return _mm512_castsi512_ps(a); }
 inline VI as_i(VF a) { return _mm512_castps_si512(a); }
 inline VF cvt_i32(VI a) { return _mm512_cvtepi32_ps(a); }
+inline VI add_i32(VI a, VI b) { return _mm512_add_epi32(a, b); }
+inline VI madd_i16(VI a, VI b) { return _mm512_madd_epi16(a, b); }  // int16 pairs multiplied, each pair summed
+template <int n> inline VI slli16(VI a) { return _mm512_slli_epi16(a, n); }
+template <int n> inline VI srai16(VI a) { return _mm512_srai_epi16(a, n); }
 inline float reduce_add(VF v) { return _mm512_reduce_add_ps(v); }
 inline VF round_nearest(VF v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline VF scale_pow2(VF p, VF n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integer-valued
@@ -115,6 +119,10 @@ template <int n> inline VI slli32(VI a) { return _mm256_slli_epi32(a, n); }
 inline VF as_f(VI a) { return _mm256_castsi256_ps(a); }
 inline VI as_i(VF a) { return _mm256_castps_si256(a); }
 inline VF cvt_i32(VI a) { return _mm256_cvtepi32_ps(a); }
+inline VI add_i32(VI a, VI b) { return _mm256_add_epi32(a, b); }
+inline VI madd_i16(VI a, VI b) { return _mm256_madd_epi16(a, b); }
+template <int n> inline VI slli16(VI a) { return _mm256_slli_epi16(a, n); }
+template <int n> inline VI srai16(VI a) { return _mm256_srai_epi16(a, n); }
 inline float reduce_add(VF v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
