@@ -24,7 +24,7 @@ def _unpack_int4(b):
 
 
 @triton.jit
-def _to_activation(q, dtype):
+def _to_activation(q, dtype: tl.constexpr):
     """Small integers to fp16/bf16, exactly, through fp32 (the interpreter's direct int -> bf16 cast is wrong)."""
     return q.to(tl.float32).to(dtype)
 
