@@ -187,6 +187,13 @@ def _time_kernels(ctx, key, rows, n, k, bits, bandwidth, peak) -> dict:
     fp16 = device_time(lambda: torch.mm(x, dense.t()), ctx.device, reps, inner=3)
     out = {f"{key}.fused_us": fused * 1e6, f"{key}.dequantize_mm_us": dequant * 1e6, f"{key}.fp16_mm_us": fp16 * 1e6,
            f"{key}.config": repr(_config_for(tm, rows, n, k, bits, x))}
+    if bits == 8:  # PyTorch's own W8A16 kernel reads this very layout (int8 [N, K], a scale per row), where it exists
+        try:
+            int8pack = torch.ops.aten._weight_int8pack_mm
+            out[f"{key}.torch_int8pack_us"] = device_time(lambda: int8pack(x, q, scale.to(x.dtype)), ctx.device,
+                                                          reps, inner=3) * 1e6
+        except (RuntimeError, NotImplementedError, AttributeError) as e:
+            out[f"{key}.torch_int8pack"] = f"unavailable: {repr(e)[:120]}"
     if rows > tm.DECODE_MAX_ROWS:
         out[f"{key}.mfu"] = 2 * rows * n * k / fused / peak
         out[f"{key}.fp16_mfu"] = 2 * rows * n * k / fp16 / peak
