@@ -323,7 +323,12 @@ class Engine:
         return self.tokenizer.detokenize(seq.output.seq[:seq.round.mask_position] + generated)
 
     def _stream_delta(self, seq: _Sequence, final_text: Optional[str] = None) -> str:
-        text = final_text if final_text is not None else self._visible(seq, self._current_text(seq), final=False)
+        if final_text is not None:
+            text = final_text
+        elif self._continuation_only(seq):
+            text = self._visible(seq, self._current_text(seq), final=False)
+        else:  # a filled prompt: stop strings end a blank (_hits_stop), the prompt's own text is never cut
+            text = self._current_text(seq).rstrip("\ufffd")
         if text.startswith(seq.shown) and len(text) > len(seq.shown):
             delta, seq.shown = text[len(seq.shown):], text
             return delta

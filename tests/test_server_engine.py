@@ -113,3 +113,11 @@ def test_echo_log_probs_equal_the_evaluation_loss(demo):
     assert abs(sum(t.logprob for t in scored) + loss) <= 1e-4
     assert [t.token for t in scored] == [tokenizer.detokenize([i]) for i in ids]
     assert all(len(t.top) == 3 and max(t.top.values()) >= t.logprob - 1e-6 for t in scored)
+
+
+def test_a_stop_string_in_a_filled_prompt_does_not_cut_its_text(demo):
+    model, tokenizer = demo
+    engine = Engine(model, tokenizer, slots=2)
+    text = "A halt here [MASK] B"
+    streamed, results = run(engine, [SequenceSpec(0, text, 8, temperature=0, stop=("halt",))])
+    assert results[0][1]["text"].startswith("A halt here") and streamed[0] == results[0][1]["text"]
