@@ -183,11 +183,11 @@ class Engine:
             self._end_round(seq, events)
             return
         seqs, _, layout = generation_layout([row], [mask_position], [seq.prompt.use_gmask], budget)
-        seqs = seqs.to(self.device)
-        _, mask, positions = layout(seqs)
+        _, mask, positions = layout(seqs)  # kept on the CPU: each step reads one row of them
         c = seqs.shape[1]
         small = KVCache(self.model, 1, c)
-        logits = self.model.forward_with_cache(seqs, positions[:, :c], mask[:, :, :c, :c], small,
+        logits = self.model.forward_with_cache(seqs.to(self.device), positions[:, :c].to(self.device),
+                                               mask[:, :, :c, :c].to(self.device), small,
                                                logits_index=torch.tensor([c - 1], device=self.device))
         seq.round = _Round(c, positions[0], mask[0, 0], budget, mask_position, start=self._place(seq, small, c))
         seq.strategy.prepare(1)
@@ -256,7 +256,8 @@ class Engine:
     def _take(self, seq: _Sequence, logits: torch.Tensor, events: List[Event]) -> None:
         """Sample the next token of the sequence's blank from its logits [V]; end the round when it is done."""
         r = seq.round
-        tokens, _ = seq.strategy.forward(logits.view(1, -1), torch.empty((1, 0), dtype=torch.long))
+        tokens, _ = seq.strategy.forward(logits.view(1, -1), torch.empty((1, 0), dtype=torch.long,
+                                                                          device=logits.device))
         token = int(tokens[0, -1])
         r.tokens.append(token)
         seq.completion_tokens += 1

@@ -121,3 +121,27 @@ def test_a_stop_string_in_a_filled_prompt_does_not_cut_its_text(demo):
     text = "A halt here [MASK] B"
     streamed, results = run(engine, [SequenceSpec(0, text, 8, temperature=0, stop=("halt",))])
     assert results[0][1]["text"].startswith("A halt here") and streamed[0] == results[0][1]["text"]
+
+
+def test_each_iteration_runs_at_most_one_prefill_and_still_steps_the_others(demo, monkeypatch):
+    """A newcomer (or a multi-mask prompt's next blank) stalls the running sequences by one prefill at most."""
+    model, tokenizer = demo
+    calls = []
+    original = type(model).forward_with_cache
+    monkeypatch.setattr(type(model), "forward_with_cache",
+                        lambda self, tokens, *a, **k: (calls.append(tokens.shape), original(self, tokens, *a, **k))[1])
+    engine = Engine(model, tokenizer, slots=4)
+    specs = [SequenceSpec(i, PROMPTS[i % 3], 12, temperature=0) for i in range(6)]
+    pending, iterations = list(specs), 0
+    while pending or engine.live():
+        running = engine.live() - sum(s is not None and s.needs_prefill for s in engine.slots)
+        work = {"admit": [pending.pop(0)]} if pending and engine.can_admit() else {}
+        calls.clear()
+        engine.apply(work)
+        prefills = [shape for shape in calls if shape[1] > 1]
+        steps = [shape for shape in calls if shape[1] == 1]
+        assert len(prefills) <= 1 and len(prefills) + len(steps) == len(calls)
+        if running:
+            assert len(steps) == 1  # the running sequences advanced in this iteration too
+        iterations += 1
+    assert iterations < 200
