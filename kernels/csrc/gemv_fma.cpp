@@ -66,6 +66,31 @@ GLM_ALWAYS_INLINE inline void for_each_phase(const Fn& fn, std::integer_sequence
   (fn(std::integral_constant<int, P>{}), ...);
 }
 
+// step(v, b) for every block b of kBlock weight bytes of R rows: v[r] is block b of row r, the last (partial) block
+// zero-filled beyond the row's tail_bytes.
+template <int R, class Step>
+GLM_ALWAYS_INLINE inline void for_each_block(const uint8_t* const* rows, int64_t full_blocks, int64_t tail_bytes,
+                                             const Step& step) {
+  for (int64_t b = 0; b < full_blocks; ++b) {
+    VI v[R];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = rows[r] + b * kBlock;
+      if (kBlock >= 64 || ((b * kBlock) & 63) == 0) prefetch(p);
+      v[r] = loadu_i(p);
+    }
+    step(v, b);
+  }
+  if (tail_bytes > 0) {
+    VI v[R];
+    for (int r = 0; r < R; ++r) {
+      alignas(64) uint8_t tmp[kBlock] = {};
+      std::memcpy(tmp, rows[r] + full_blocks * kBlock, size_t(tail_bytes));
+      v[r] = loadu_i(tmp);
+    }
+    step(v, full_blocks);
+  }
+}
+
 // fn(std::integral_constant<int, M>) for a run-time row count mc in 1..8 (more than 8 is taken as 8).
 template <class Fn>
 inline void with_rows(int mc, const Fn& fn) {
@@ -152,27 +177,11 @@ struct FmaKernel {
         }
       }, std::make_integer_sequence<int, P>{});
     };
-    const int64_t nb = xs.full_blocks;
-    for (int64_t b = 0; b < nb; ++b) {
-      VI v[R];
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* p = rows[r] + b * kBlock;
-        if (kBlock >= 64 || ((b * kBlock) & 63) == 0) prefetch(p);
-        v[r] = loadu_i(p);
-        if constexpr (L::kXor != 0) v[r] = xor_i(v[r], flip);
-      }
+    for_each_block<R>(rows, xs.full_blocks, xs.tail_bytes, [&](VI* v, int64_t b) GLM_ALWAYS_INLINE {
+      if constexpr (L::kXor != 0)
+        for (int r = 0; r < R; ++r) v[r] = xor_i(v[r], flip);
       step(v, b);
-    }
-    if (xs.tail_bytes > 0) {
-      VI v[R];
-      for (int r = 0; r < R; ++r) {
-        alignas(64) uint8_t tmp[kBlock] = {};
-        std::memcpy(tmp, rows[r] + nb * kBlock, size_t(xs.tail_bytes));
-        v[r] = loadu_i(tmp);
-        if constexpr (L::kXor != 0) v[r] = xor_i(v[r], flip);
-      }
-      step(v, nb);
-    }
+    });
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) {
         VF t = acc[r][m][0];
@@ -278,25 +287,7 @@ struct Int4ByInt16 {
         for (int r = 0; r < R; ++r) acc[r][m] = fmadd(cvt_i32(sum[r][m]), s, acc[r][m]);
       }
     };
-    const int64_t nb = xs.full_blocks;
-    for (int64_t b = 0; b < nb; ++b) {
-      VI v[R];
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* p = rows[r] + b * kBlock;
-        if (kBlock >= 64 || ((b * kBlock) & 63) == 0) prefetch(p);
-        v[r] = loadu_i(p);
-      }
-      step(v, b);
-    }
-    if (xs.tail_bytes > 0) {
-      VI v[R];
-      for (int r = 0; r < R; ++r) {
-        alignas(64) uint8_t tmp[kBlock] = {};
-        std::memcpy(tmp, rows[r] + nb * kBlock, size_t(xs.tail_bytes));
-        v[r] = loadu_i(tmp);
-      }
-      step(v, nb);
-    }
+    for_each_block<R>(rows, xs.full_blocks, xs.tail_bytes, step);
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) out[r * 16 + m] = reduce_add(acc[r][m]);
   }
