@@ -116,6 +116,8 @@ class Engine:
         self.end_tokens = [tokenizer.get_command("eop"), tokenizer.get_command("eos")]
         self.invalid = generation_invalid_slices(tokenizer, self.end_tokens)
         self.cache = KVCache(model, slots, 2 * self.max_sequence_length)
+        for t in self.cache.k + self.cache.v:  # masked columns still meet the values (weight 0 x garbage NaN = NaN)
+            t.zero_()
         self.slots: List[Optional[_Sequence]] = [None] * slots
         self.device = next(model.parameters()).device
         self.decode_tokens = 0  # generated tokens, all sequences (metrics)

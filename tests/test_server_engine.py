@@ -64,6 +64,21 @@ def test_greedy_equals_fill_blanks_while_sequences_join_leave_and_the_cache_reba
         assert reason in ("stop", "length")
 
 
+def test_columns_no_sequence_wrote_never_reach_the_output(demo, monkeypatch):
+    """The batch cache is allocated uninitialised; a row's masked columns (other rows' spans, never written for it)
+    still meet its attention (weight 0 x a garbage NaN is NaN). Garbage is made NaN here: output must not change."""
+    import model.glm
+    model_, tokenizer = demo
+    real_empty = torch.empty
+    monkeypatch.setattr(model.glm.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    engine = Engine(model_, tokenizer, slots=3)
+    monkeypatch.setattr(model.glm.torch, "empty", real_empty)
+    specs = [SequenceSpec(i, text, 10, temperature=0) for i, text in enumerate(PROMPTS[:3])]
+    _, results = run(engine, specs, admit_every=3)
+    for i, text in enumerate(PROMPTS[:3]):
+        assert results[i][1]["blanks"] == reference(model_, tokenizer, text, 10, 512).blanks[0], text
+
+
 def test_one_slot_serves_sequences_one_after_another(demo):
     model, tokenizer = demo
     engine = Engine(model, tokenizer, slots=1)
