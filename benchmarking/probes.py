@@ -8,7 +8,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from benchmarking.timing import best_time
+from benchmarking.timing import best_time, best_time_within
 from kernels import cpu
 
 SLOW_MATMUL_FLOP_PER_S = 5e9  # below this at a small size, a dtype's matmul is a fallback loop: not a peak
@@ -42,8 +42,9 @@ def matmul_peak(device, dtype, shapes: Sequence[Tuple[int, int, int]], repeats: 
         return matmul_peak_events(device, dtype, shapes, repeats)
     a = torch.randn(256, 256, device=device).to(dtype)
     torch.mm(a, a)  # the first call of a dtype sets up its kernels (JIT)
-    # best of 3, not one call: one call descheduled on a loaded machine made a fast dtype look like a fallback loop
-    small = 2 * 256 ** 3 / best_time(lambda: torch.mm(a, a), device, 3)
+    # the best of many short calls: on a loaded machine a few calls can all be descheduled (the threads of one
+    # product wait for each other), which made a fast dtype look like a fallback loop; a slow one stops early
+    small = 2 * 256 ** 3 / best_time_within(lambda: torch.mm(a, a), device, max_calls=50, max_s=0.5)
     out = {}
     for m, k, n in shapes:
         flops = 2 * m * k * n

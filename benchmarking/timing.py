@@ -21,6 +21,16 @@ def best_time(fn, device, repeats: int) -> float:
     return min(timed(fn, device) for _ in range(repeats))
 
 
+def best_time_within(fn, device, max_calls: int, max_s: float) -> float:
+    """The best of up to `max_calls` calls, stopping once `max_s` seconds have gone (at least one call)."""
+    start, best = time.perf_counter(), float("inf")
+    for _ in range(max_calls):
+        best = min(best, timed(fn, device))
+        if time.perf_counter() - start > max_s:
+            break
+    return best
+
+
 class CpuLoad:
     """Share of this machine's CPU time used by OTHER processes between start() and stop() (Linux; else None)."""
 
