@@ -244,8 +244,9 @@ struct Int4ByInt16 {
           float top = 0.0f;
           bool finite = true;
           for (int64_t c = 0; c < kCols; ++c) {
-            top = std::max(top, std::fabs(value(c)));
-            finite = finite && std::isfinite(value(c));
+            const float v = value(c);
+            top = std::max(top, std::fabs(v));
+            finite = finite && std::isfinite(v);
           }
           int e = 0;
           std::frexp(top, &e);  // top < 2^e
