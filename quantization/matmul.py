@@ -29,28 +29,30 @@ from kernels import cpu, triton_matmul
 # (activation dtype, bits) -> most rows for which the library kernel beats dequantize + GEMM (benchmarking/matmul_table.py)
 CPU_KERNEL_MAX_ROWS = {(torch.bfloat16, 8): 12, (torch.bfloat16, 4): 64}
 ORIGINAL, CPU_INT4 = "original", "cpu_int4"  # weight layouts: GLM-130B's stored one, PyTorch's CPU int4 kernel's
-CPU_INT4_BLOCK_N = 64  # rows per block in the CPU int4 kernel's weight layout
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts (all groups carry the row scale)
 TRITON_KERNELS = os.environ.get("GLM_TRITON_KERNELS", "1") != "0"  # the fused GPU kernels where they apply
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The CPU int4 kernel's layout: per block of 64 rows, for each column k, 32 bytes; byte j holds the unsigned nibbles
-# u = q + 8 of rows j (low nibble) and j + 32 (high nibble).
+# The CPU int4 kernel's layout: per block of `block` rows (64 where PyTorch's kernel uses AVX-512, 32 with AVX2),
+# for each column k, block/2 bytes; byte j holds the unsigned nibbles u = q + 8 of rows j (low nibble) and
+# j + block/2 (high nibble).
 
-def to_cpu_int4(packed: torch.Tensor) -> torch.Tensor:
+def to_cpu_int4(packed: torch.Tensor, block: Optional[int] = None) -> torch.Tensor:
     """Original packed int4 [N, K/2] -> uint8 [N, K/2] in the CPU int4 kernel's layout."""
+    block = block or cpu_int4_block()
     n, half_k = packed.shape
     b = packed.contiguous().view(torch.uint8) ^ 0x88  # two's-complement nibble q -> unsigned q + 8
-    u = torch.stack([b >> 4, b & 0x0F], dim=-1).view(n // CPU_INT4_BLOCK_N, CPU_INT4_BLOCK_N, 2 * half_k)
-    u = u.transpose(1, 2)  # [blocks, K, 64]
-    return (u[..., 32:] << 4 | u[..., :32]).contiguous().view(n, half_k)
+    u = torch.stack([b >> 4, b & 0x0F], dim=-1).view(n // block, block, 2 * half_k)
+    u = u.transpose(1, 2)  # [blocks, K, block]
+    return (u[..., block // 2:] << 4 | u[..., :block // 2]).contiguous().view(n, half_k)
 
 
 def _cpu_int4_unsigned(p: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] of the unsigned nibbles u = q + 8 held in the CPU int4 layout."""
+    block = cpu_int4_block()
     n, half_k = p.shape
-    b = p.view(n // CPU_INT4_BLOCK_N, 2 * half_k, CPU_INT4_BLOCK_N // 2)
+    b = p.view(n // block, 2 * half_k, block // 2)
     return torch.cat([b & 0x0F, b >> 4], dim=-1).transpose(1, 2).reshape(n, 2 * half_k)
 
 
@@ -61,20 +63,25 @@ def from_cpu_int4(p: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_int4_layout_matches() -> bool:
-    """Guard against a PyTorch that packs differently: compare with the library's own packing once."""
-    try:
-        q = torch.randint(-8, 8, (CPU_INT4_BLOCK_N, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
-        packed = (q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)
-        ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1)
-        return torch.equal(ref, to_cpu_int4(packed))
-    except (AttributeError, RuntimeError):
-        return False
+def cpu_int4_block() -> int:
+    """Rows per block of the layout this PyTorch's CPU int4 kernel packs (it depends on the CPU); 0 when it packs
+    neither known way (or has no such kernel): INT4 weights then stay in the original layout."""
+    for block in (64, 32):
+        try:
+            q = torch.randint(-8, 8, (block, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+            packed = (q[:, 0::2] << 4) | (q[:, 1::2] & 0x0F)
+            ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1)
+            if ref.shape == packed.shape and torch.equal(ref, to_cpu_int4(packed, block)):
+                return block
+        except (AttributeError, RuntimeError):
+            return 0
+    return 0
 
 
 def cpu_int4_supported(n: int, k: int) -> bool:
     """Whether an [n, k] INT4 weight can use the CPU int4 kernel (else it stays in the original layout)."""
-    return n % CPU_INT4_BLOCK_N == 0 and k % INT4_GROUP_SIZES[-1] == 0 and _cpu_int4_layout_matches()
+    block = cpu_int4_block()
+    return block > 0 and n % block == 0 and k % INT4_GROUP_SIZES[-1] == 0
 
 
 def int4_group_size(k: int) -> int:
@@ -96,9 +103,10 @@ def _int4_transposed_to(weight: torch.Tensor, layout: str, dtype: torch.dtype) -
     n, half_k = weight.shape
     k = 2 * half_k
     if layout == CPU_INT4:  # nibble u = q + 8; XOR 0x88 makes both nibbles two's-complement q
-        b = (weight.view(torch.int8) ^ -0x78).view(n // CPU_INT4_BLOCK_N, k, CPU_INT4_BLOCK_N // 2).transpose(0, 1)
-        out = torch.empty(k, n // CPU_INT4_BLOCK_N, CPU_INT4_BLOCK_N, dtype=dtype, device=weight.device)
-        out[..., :32], out[..., 32:] = (b << 4) >> 4, b >> 4
+        block = cpu_int4_block()
+        b = (weight.view(torch.int8) ^ -0x78).view(n // block, k, block // 2).transpose(0, 1)
+        out = torch.empty(k, n // block, block, dtype=dtype, device=weight.device)
+        out[..., :block // 2], out[..., block // 2:] = (b << 4) >> 4, b >> 4
         return out.view(k, n)
     b = weight.view(torch.int8)
     out = torch.empty(n, half_k, 2, dtype=dtype, device=weight.device)

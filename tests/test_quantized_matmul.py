@@ -8,7 +8,7 @@ from kernels import cpu
 from quantization import matmul
 from quantization.functional import dequantize, quantize_weight
 
-SHAPES = [(192, 64), (256, 512), (4608, 1536), (96, 96)]  # (N, K); 96 rows do not fit the CPU int4 layout
+SHAPES = [(192, 64), (256, 512), (4608, 1536), (96, 96)]  # (N, K); 96 rows do not fit 64-row int4 blocks
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,6 +32,11 @@ def stored(q, bits):
 
 @pytest.mark.parametrize("n,k", [(64, 64), (128, 256), (4608, 1536), (1536, 4096)])
 def test_cpu_int4_layout_matches_library_packing(n, k):
+    """PyTorch packs 64-row blocks where its kernel uses AVX-512 and 32-row blocks with AVX2: both are recognised."""
+    assert matmul.cpu_int4_block() == {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability(),
+                                                                     matmul.cpu_int4_block())
+    if not matmul.cpu_int4_block():
+        pytest.skip("this PyTorch's CPU int4 kernel packs in neither known layout")
     q, _ = weights(n, k, 4)
     unsigned = torch.stack([q >> 4, (q << 4) >> 4], dim=-1).reshape(n, k).to(torch.int32) + 8
     assert torch.equal(matmul.to_cpu_int4(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1))
