@@ -46,7 +46,8 @@ def measure(n: int, k: int, m: int, seconds: float) -> dict:
     x = torch.randn(m, k, generator=gen).bfloat16()
     q8, s8 = quantize_weight(w, 8)
     q4, s4 = quantize_weight(w, 4)
-    p4 = matmul.to_cpu_int4(q4)
+    lib4 = matmul.cpu_int4_block() > 0  # PyTorch packs its int4 layout in a way this project knows
+    p4, layout4 = (matmul.to_cpu_int4(q4), "cpu_int4") if lib4 else (q4, "original")
     dense = matmul.dequantized_t(q8, s8, 8, "original", torch.bfloat16).t().contiguous()
     sz = matmul.int4_scales_and_zeros(s4, k, torch.bfloat16)
     s8b, s4b = s8.bfloat16(), s4.bfloat16()
@@ -59,8 +60,8 @@ def measure(n: int, k: int, m: int, seconds: float) -> dict:
         "deq8+mm": lambda: torch.mm(x, matmul.dequantized_t(q8, s8, 8, "original", torch.bfloat16, False)) * s8b,
         "int8 lib": lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8b),
         "gemv8": (lambda: gemv.gemv_int8(x, q8, s8)) if fast else None,
-        "deq4+mm": lambda: torch.mm(x, matmul.dequantized_t(p4, s4, 4, "cpu_int4", torch.bfloat16, False)) * s4b,
-        "int4 lib": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p4, g, sz),
+        "deq4+mm": lambda: torch.mm(x, matmul.dequantized_t(p4, s4, 4, layout4, torch.bfloat16, False)) * s4b,
+        "int4 lib": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p4, g, sz)) if lib4 else None,
         "gemv4": (lambda: gemv.gemv_int4(x, q4, s4)) if fast else None,
     }
     return {name: (time_ms(fn, seconds) if fn else None) for name, fn in paths.items()}
