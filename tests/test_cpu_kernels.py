@@ -136,6 +136,18 @@ def test_read_bandwidth_probe_sums():
     assert cpu.read_bandwidth_probe(x) == pytest.approx(float(x.double().sum()), rel=1e-5)
 
 
+@needs_kernels
+def test_thread_pool_runs_every_chunk_once_before_returning():
+    """Calls of varying chunk counts back to back (a call often has more chunks than the one before: the case where a
+    helper still leaving the previous call could claim an index of the new one) on more threads than cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert torch.ops.glm_cpu.pool_check(20000, 9) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fused decode helpers
 

@@ -2,6 +2,8 @@
 // sequential streams with L2 prefetch, as the GEMV kernels read weights): the benchmark's read-bandwidth probe.
 #include <ATen/ATen.h>
 
+#include <atomic>
+#include <memory>
 #include <vector>
 
 #include "gemv.h"
@@ -43,6 +45,23 @@ double read_sum(const at::Tensor& x_in) {
   for (double v : partial) total += v;
   for (int64_t i = lines * line; i < n; ++i) total += p[i];
   return total;
+}
+
+int64_t pool_check(int64_t jobs, int64_t chunks) {
+  int64_t wrong = 0;
+  std::unique_ptr<std::atomic<int>[]> runs(new std::atomic<int>[chunks]);
+  for (int64_t j = 0; j < jobs; ++j) {
+    const int64_t n = 2 + j % (chunks - 1);  // calls of 2..chunks chunks: a call often has more than the last
+    for (int64_t c = 0; c < n; ++c) runs[c].store(0, std::memory_order_relaxed);
+    parallel_chunks(n, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t k = 0; k < (j + c) % 64; ++k) _mm_pause();  // chunks of uneven length
+        runs[c].fetch_add(1, std::memory_order_relaxed);
+      }
+    });
+    for (int64_t c = 0; c < n; ++c) wrong += runs[c].load(std::memory_order_relaxed) != 1;
+  }
+  return wrong;
 }
 
 }  // namespace glm_cpu

@@ -35,16 +35,20 @@ class Pool {
   template <class Fn>
   void run(int64_t n, const Fn& fn) {
     const int want = std::max(1, at::get_num_threads());
-    if (n <= 1 || want == 1) {
+    if (n <= 1 || want == 1 || n >= int64_t(kClosed)) {
       for (int64_t i = 0; i < n; ++i) fn(i);
       return;
     }
     std::lock_guard<std::mutex> one_job(run_mu_);  // callers from several threads take turns
     resize(want - 1);
+    // Close the previous generation before touching the job: a helper still inside participate() for it (it read
+    // next_, then was descheduled) could otherwise read the new total_ and claim an index of the old generation
+    // with its CAS, running the new job's chunk twice and ending the wait below while a chunk still runs.
+    const uint64_t gen = (next_.load(std::memory_order_relaxed) >> 32) + 2;
+    next_.store(((gen - 1) << 32) | kClosed, std::memory_order_seq_cst);
     job_ = [&fn](int64_t i) { fn(i); };
-    total_.store(n, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
-    const uint64_t gen = (next_.load(std::memory_order_relaxed) >> 32) + 1;
+    total_.store(n, std::memory_order_release);
     next_.store(gen << 32, std::memory_order_seq_cst);  // publish: generation in the high half, next index low
     if (sleeping_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> l(mu_);
@@ -70,10 +74,10 @@ class Pool {
     for (;;) {
       uint64_t v = next_.load(std::memory_order_acquire);
       for (;;) {
-        if ((v >> 32) != gen || int64_t(v & 0xFFFFFFFFu) >= total_.load(std::memory_order_relaxed)) return;
+        if ((v >> 32) != gen || int64_t(v & kClosed) >= total_.load(std::memory_order_acquire)) return;
         if (next_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) break;
       }
-      job_(int64_t(v & 0xFFFFFFFFu));
+      job_(int64_t(v & kClosed));
       done_.fetch_add(1, std::memory_order_release);
     }
   }
@@ -110,6 +114,7 @@ class Pool {
 #define GLM_SPINS 200000
 #endif
   static constexpr int kSpins = GLM_SPINS;
+  static constexpr uint64_t kClosed = 0xFFFFFFFFu;  // an index no job reaches (n < 2^32): a generation being set up
   std::vector<std::thread> workers_;
   std::function<void(int64_t)> job_;
   std::atomic<int64_t> total_{0};
