@@ -15,7 +15,8 @@ Derived ratios (written with every raw figure by --json, a flat object with dott
                                       steps (batch 1; median over 4 stretches of steps, each against the better of
                                       the probes just before and after it: other tenants move the machine's bandwidth)
   decode.<format>.roofline_fraction_vs_best_probe = the median step against the best bandwidth of the whole run
-  prefill.<n>.mfu                   = model FLOPs/s of the encode forward ÷ measured bf16 matmul peak
+  prefill.<n>.mfu                   = model FLOPs/s of the encode forward ÷ measured matmul peak of the dtype its
+                                      GEMMs compute in (bf16; fp32 on a CPU without a bf16 GEMM: prefill.compute_dtype)
   eval.flop_fraction                = evaluation FLOPs/s ÷ prefill FLOPs/s at 512 tokens
 FLOP counts (docs/performance.md): 2 × linear-layer parameters × tokens + 4 × layers × s² × hidden (attention
 scores and weighted sum over the full s × s matrix the kernels compute) + 2 × hidden × vocab per logits row.
@@ -78,6 +79,9 @@ class Plan:
         default16 = "fp16" if args.device.type == "cuda" else "bf16"
         self.dtype16 = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype16 or default16]
         self.dtype_name = str(self.dtype16).replace("torch.", "")
+        # what prefill's GEMMs compute in: bf16 on a CPU without a bf16 GEMM goes through fp32 (kernels.cpu.linear)
+        self.prefill_fp32 = (args.device.type == "cpu" and self.dtype16 == torch.bfloat16
+                             and not cpu.bf16_gemm_native())
 
 
 def run_config(args, plan: Plan) -> dict:
@@ -96,7 +100,7 @@ def run(args, plan: Plan, results: dict):
     device = args.device
     bandwidth = read_bandwidth(device, plan.bw_bytes, plan.bw_repeats)
     peak16 = matmul_peak(device, plan.dtype16, plan.gemm_shapes, plan.gemm_repeats)
-    peak32 = matmul_peak(device, torch.float32, plan.gemm_shapes[:1], 2)
+    peak32 = matmul_peak(device, torch.float32, plan.gemm_shapes if plan.prefill_fp32 else plan.gemm_shapes[:1], 2)
 
     model = load_model(args, None, plan.dtype16)
     cfg = model.config
@@ -156,7 +160,9 @@ def main(argv=None):
     results: Dict[str, object] = run_config(args, plan)
     decode, bandwidth, peak16, peak32 = run(args, plan, results)
     record_machine(results, plan, bandwidth, peak16, peak32)
-    derive(results, decode, args.formats, plan.lengths, results["machine.read_bandwidth_bytes_per_s"], best(peak16))
+    results["prefill.compute_dtype"] = "float32" if plan.prefill_fp32 else plan.dtype_name
+    derive(results, decode, args.formats, plan.lengths, results["machine.read_bandwidth_bytes_per_s"],
+           best(peak32) if plan.prefill_fp32 else best(peak16))
     results["run.peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results["run.seconds"] = time.time() - wall_start
     other = load.stop()

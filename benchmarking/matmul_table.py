@@ -1,6 +1,7 @@
 """Time the weight-only matmul paths at decode (M=1) and prefill (M=512) shapes and print a table (milliseconds).
 
     python benchmarking/matmul_table.py [--rows 1 512] [--shapes 1536x1536 4608x1536 ...] [--seconds 0.3]
+                                        [--no-bf16-gemm]
 
 Columns (all bf16 activations, N x K weight):
   dense      F.linear with a bf16 weight (no quantization; PyTorch's own path)
@@ -11,6 +12,11 @@ Columns (all bf16 activations, N x K weight):
   deq4+mm    unpack INT4 (CPU kernel layout) -> bf16 at every call, GEMM, output times the row scales
   int4 lib   torch.ops.aten._weight_int4pack_mm_for_cpu on the repacked weight
   gemv4      this project's INT4 GEMV kernel on the stored (original) packed layout
+  fp32blk16  the bf16 weight converted a block of rows at a time, fp32 GEMM (kernels.cpu.linear_in_fp32_blocks:
+             the path of CPUs without a bf16 GEMM)
+  fp32blk8   the same from the INT8 weight (exact q · scale in fp32)
+--no-bf16-gemm times everything with oneDNN disabled: PyTorch's bf16 GEMM is then the scalar loop it is on AVX2-only
+CPUs (`dense`, `deq*+mm`), which the fp32blk paths replace there.
 The quantized layers run gemv8/gemv4 up to 16 rows where available, else the library kernel up to
 CPU_KERNEL_MAX_ROWS rows, and dequantize + GEMM above. Cells a path cannot run show "-".
 """
@@ -63,6 +69,8 @@ def measure(n: int, k: int, m: int, seconds: float) -> dict:
         "deq4+mm": lambda: torch.mm(x, matmul.dequantized_t(p4, s4, 4, layout4, torch.bfloat16, False)) * s4b,
         "int4 lib": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p4, g, sz)) if lib4 else None,
         "gemv4": (lambda: gemv.gemv_int4(x, q4, s4)) if fast else None,
+        "fp32blk16": lambda: cpu.linear_in_fp32_blocks(x, n, lambda i, j, out: out.copy_(dense[i:j])),
+        "fp32blk8": lambda: cpu.linear_in_fp32_blocks(x, n, lambda i, j, out: out.copy_(q8[i:j]).mul_(s8[i:j, None])),
     }
     return {name: (time_ms(fn, seconds) if fn else None) for name, fn in paths.items()}
 
@@ -74,10 +82,13 @@ def main():
                    help="NxK weight shapes (output x input features)")
     p.add_argument("--seconds", type=float, default=0.3, help="time budget per cell")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-bf16-gemm", action="store_true", help="oneDNN off: PyTorch's path on AVX2-only CPUs")
     a = p.parse_args()
+    torch.backends.mkldnn.enabled = not a.no_bf16_gemm
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, times in ms (best of repeats)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, times in ms (best of repeats)"
+          + (", oneDNN off (no bf16 GEMM)" if a.no_bf16_gemm else ""))
     header = None
     for m in a.rows:
         for shape in a.shapes:

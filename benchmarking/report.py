@@ -52,8 +52,10 @@ def summary_lines(results: dict, formats: List[str], lengths: List[int], dtype_n
                          f"{results[f'decode.{name}.roofline_fraction']:.2f} of its bandwidth roofline "
                          f"({results[f'decode.{name}.roofline_fraction_vs_best_probe']:.2f} of the run's best "
                          f"probe){extra}")
+    of = "" if results.get("prefill.compute_dtype", dtype_name) == dtype_name else \
+        f" (of the {results['prefill.compute_dtype']} peak: {dtype_name} GEMMs run in fp32 on this CPU)"
     for n in lengths:
-        lines.append(f"Prefill {n}: MFU {_fmt(results[f'prefill.{n}.mfu'])}")
+        lines.append(f"Prefill {n}: MFU {_fmt(results[f'prefill.{n}.mfu'])}{of}")
     lines.append(f"Evaluation: {_fmt(results['eval.flop_fraction'])} of the prefill FLOP rate")
     lines.append(f"Peak RSS {results['run.peak_rss_bytes'] / 2**30:.2f} GiB; {results['run.seconds']:.0f} s"
                  + (f"; other processes used {other_cpu_share:.0%} of the CPUs meanwhile"

@@ -70,10 +70,59 @@ def gemv_int4(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, bias
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, through the bf16 GEMV kernel when x is a CPU bf16 tensor with at most MAX_GEMV_ROWS rows."""
+    """F.linear, through the bf16 GEMV kernel when x is a CPU bf16 tensor with at most MAX_GEMV_ROWS rows, and in
+    fp32 blocks (`linear_in_fp32_blocks`) for more rows on a CPU without a bf16 GEMM."""
     if w.dtype == torch.bfloat16 and w.is_contiguous() and applies(x):
         return torch.ops.glm_cpu.gemv_bf16(x, w, bias)
+    if w.dtype == torch.bfloat16 and needs_fp32_gemm(x):
+        return linear_in_fp32_blocks(x, w.shape[0], lambda i, j, out: out.copy_(w[i:j]), bias)
     return F.linear(x, w, bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bf16 matrix multiplies on CPUs without a bf16 GEMM
+
+FP32_BLOCK_ROWS = 256  # weight rows converted at a time: 256 x K fp32 stays in L2 for the GEMM that reads it
+
+
+def bf16_gemm_native() -> bool:
+    """Whether PyTorch's bf16 GEMM runs at speed on this CPU: oneDNN with AVX-512 (BF16 instructions or oneDNN's
+    emulation) or AMX. Without (AVX2-only CPUs; `torch.backends.mkldnn` disabled) it is a scalar loop about 100x
+    slower than fp32. GLM_CPU_BF16_GEMM=0 treats this CPU as one without (to exercise that path anywhere)."""
+    return torch.backends.mkldnn.enabled and _bf16_gemm_supported()
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_gemm_supported() -> bool:
+    if os.environ.get("GLM_CPU_BF16_GEMM", "").strip() == "0":
+        return False
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a PyTorch without that query: judge by the CPU flags oneDNN needs
+        return {"avx512bw", "avx512vl", "avx512dq"} <= build.cpu_flags()
+
+
+def needs_fp32_gemm(x: torch.Tensor) -> bool:
+    """A CPU bf16 activation with more rows than the GEMV kernels take, on a CPU without a fast bf16 GEMM."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and x.numel() // max(x.shape[-1], 1) > MAX_GEMV_ROWS and not bf16_gemm_native())
+
+
+def linear_in_fp32_blocks(x: torch.Tensor, n: int, weight_rows, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., K] (bf16) times an [n, K] weight transposed, in fp32, rounded once to x's dtype: what a bf16 GEMM
+    computes (fp32 accumulation), at fp32 GEMM speed. `weight_rows(i, j, out)` writes weight rows i:j as fp32 into
+    out [j - i, K]; rows go through one reused L2-sized buffer, so no fp32 copy of the weight is ever made."""
+    x32 = x.reshape(-1, x.shape[-1]).float()
+    out = torch.empty(x32.shape[0], n, dtype=torch.float32, device=x.device)
+    buf = torch.empty(min(FP32_BLOCK_ROWS, n), x.shape[-1], dtype=torch.float32, device=x.device)
+    for i in range(0, n, FP32_BLOCK_ROWS):
+        j = min(n, i + FP32_BLOCK_ROWS)
+        block = buf[:j - i]
+        weight_rows(i, j, block)
+        out[:, i:j] = F.linear(x32, block)
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).view(*x.shape[:-1], n)
 
 
 def read_bandwidth_probe(x: torch.Tensor) -> float:

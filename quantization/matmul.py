@@ -14,6 +14,8 @@ in the high nibble) plus an fp16 scale per row. At run time:
 - CUDA, fp16/bf16 activations, the stored layout, triton installed: the fused Triton kernels of
   kernels/triton_matmul.py (read the integer weights once, dequantize in registers; a GEMV-like kernel for decode
   rows, a tiled one for prefill). GLM_TRITON_KERNELS=0 (or TRITON_KERNELS = False) keeps the path below instead.
+- CPUs without a bf16 GEMM (AVX2-only: PyTorch's is a scalar loop there, kernels.cpu.bf16_gemm_native), bf16
+  activations, more rows: q · scale exact in fp32, a block of weight rows at a time, fp32 GEMM, rounded once.
 - Everything else (more rows = prefill, fp16/fp32 activations, CUDA without triton): dequantize into the activation
   dtype, then a dense GEMM (at prefill the dequantization is a few percent of the GEMM; fp16 is then exactly the
   original's path).
@@ -124,6 +126,14 @@ def dequantized_t(weight: torch.Tensor, scale: torch.Tensor, bits: int, layout: 
     return qt * scale.to(dtype) if apply_scale else qt  # fp16 x fp16 products are exact in fp32, rounded once
 
 
+def _dequantized_rows(weight: torch.Tensor, scale: torch.Tensor, bits: int, layout: str, i: int, j: int,
+                      out: torch.Tensor) -> torch.Tensor:
+    """Rows i:j of q · scale into the fp32 `out` (every product exact in fp32). CPU_INT4 rows come in whole blocks."""
+    q = weight[i:j]
+    out.copy_(_int4_transposed_to(q, layout, torch.float32).t() if bits == 4 else q)
+    return out.mul_(scale[i:j, None].float())
+
+
 def resident_layout(weight: torch.Tensor, bits: int) -> str:
     """The layout a quantized weight [N, K or K/2] (stored layout, real values) is best kept in on its device:
     "cpu_int4" for INT4 on a CPU whose matmuls go through PyTorch's int4 kernel (no kernels/cpu.py kernels, shape
@@ -165,6 +175,9 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
             scales_and_zeros = int4_scales_and_zeros(scale, x.shape[-1], x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), weight, int4_group_size(x.shape[-1]),
                                                        scales_and_zeros)
+    elif cpu.needs_fp32_gemm(x):  # a CPU without a bf16 GEMM: exact fp32 q · scale, a block of rows at a time
+        y = cpu.linear_in_fp32_blocks(x2, weight.shape[0], functools.partial(_dequantized_rows, weight, scale, bits,
+                                                                             layout))
     elif x.dtype == torch.float16:  # the original's arithmetic: fp16 weight q·scale, fp16 GEMM (x·q could overflow)
         y = torch.mm(x2, dequantized_t(weight, scale, bits, layout, x.dtype))
     else:  # q is exact in bf16/fp32: one pass less over the weight by scaling the [M, N] output instead

@@ -22,7 +22,7 @@ def required_keys(lengths):
 def check_results(results, lengths):
     missing = required_keys(lengths) - set(results)
     assert not missing, f"missing keys {sorted(missing)}"
-    for key in required_keys(lengths) | {"machine.read_bandwidth_bytes_per_s", "machine.matmul_peak_bfloat16_flop_per_s",
+    for key in required_keys(lengths) | {"machine.read_bandwidth_bytes_per_s", "machine.matmul_peak_fp32_flop_per_s",
                                          "run.peak_rss_bytes", "decode.int4.speedup_vs_16bit",
                                          "decode.int8.speedup_vs_16bit"}:
         assert isinstance(results[key], (int, float)) and results[key] > 0, f"{key} = {results[key]!r}"
@@ -33,9 +33,12 @@ def check_results(results, lengths):
             > results["decode.int4.weight_bytes_per_step"])
 
 
-def test_quick_mode_writes_all_figures(tmp_path, demo_dir):
+@pytest.mark.parametrize("bf16_gemm", ["native", "absent"])
+def test_quick_mode_writes_all_figures(tmp_path, demo_dir, bf16_gemm):
+    """Also as on a CPU without a bf16 GEMM (AVX2-only), where the bf16 matmul peak is n/a and prefill computes in
+    fp32: its MFU is then taken against the fp32 peak, never left unmeasured."""
     out = tmp_path / "bench.json"
-    env = {**os.environ, "GLM_DEMO_DIR": demo_dir}
+    env = {**os.environ, "GLM_DEMO_DIR": demo_dir, **({"GLM_CPU_BF16_GEMM": "0"} if bf16_gemm == "absent" else {})}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "benchmark.sh"), "--quick", "--json", str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -43,8 +46,12 @@ def test_quick_mode_writes_all_figures(tmp_path, demo_dir):
         assert f"Encode {n}: " in proc.stdout  # the original's line
     results = json.loads(out.read_text())
     check_results(results, (128, 512))
-    assert results["config.quick"] is True and results["config.num_layers"] == 4
     from kernels import cpu
+    fp32 = bf16_gemm == "absent" or not cpu.bf16_gemm_native()
+    assert results["prefill.compute_dtype"] == ("float32" if fp32 else "bfloat16")
+    peak = results["machine.matmul_peak_fp32_flop_per_s" if fp32 else "machine.matmul_peak_bfloat16_flop_per_s"]
+    assert results["prefill.512.mfu"] == pytest.approx(results["prefill.512.flop_per_s"] / peak)
+    assert results["config.quick"] is True and results["config.num_layers"] == 4
     assert results["cpu.kernel_tier"] == cpu.tier()  # the subprocess chose as this one does (same CPU and env)
 
 

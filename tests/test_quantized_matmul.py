@@ -112,3 +112,71 @@ def test_cuda_matches_reference(bits):
     y = matmul.weight_only_linear(x, q.cuda(), scale.cuda(), bits)
     ref = reference(x.cpu(), q, scale, bits)
     assert (y.cpu().double() - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPUs without a bf16 GEMM (AVX2-only): PyTorch's bf16 GEMM there is a scalar loop; disabling oneDNN gives this
+# machine the same PyTorch path, so the fp32-block route is exercised (and needed) here as it is there.
+
+@pytest.fixture
+def no_bf16_gemm(monkeypatch):
+    """This CPU as one without a bf16 GEMM; F.linear/torch.mm must then never see a bf16 matrix of many rows."""
+    import torch.nn.functional as F
+    seen = []
+    real_linear, real_mm = F.linear, torch.mm
+
+    def spy(real):
+        def call(a, b, *rest, **kw):
+            if a.dtype == torch.bfloat16 and a.numel() // a.shape[-1] > cpu.MAX_GEMV_ROWS:
+                seen.append(tuple(a.shape))
+            return real(a, b, *rest, **kw)
+        return call
+    monkeypatch.setattr(F, "linear", spy(real_linear))
+    monkeypatch.setattr(torch, "mm", spy(real_mm))
+    torch.backends.mkldnn.enabled = False  # (not mkldnn.flags(): it warns about TF32 on every call)
+    try:
+        assert not cpu.bf16_gemm_native()
+        yield seen
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
+@pytest.mark.parametrize("rows", [17, 300])
+def test_bf16_linear_without_bf16_gemm_computes_in_fp32_blocks(rows, no_bf16_gemm):
+    n, k = 2 * cpu.FP32_BLOCK_ROWS + 37, 96  # a partial last block
+    x, w, b = (torch.randn(rows, k).bfloat16(), torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16())
+    y = cpu.linear(x.view(1, rows, k), w, b)
+    assert no_bf16_gemm == [] and y.dtype == torch.bfloat16 and y.shape == (1, rows, n)
+    ref = x.double() @ w.double().t() + b.double()
+    # fp32 sums of bf16 products rounded once, as a bf16 GEMM: within one bf16 rounding of the exact value
+    assert ((y[0].double() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("layout", ["original", "cpu_int4"])
+def test_quantized_prefill_without_bf16_gemm(bits, layout, no_bf16_gemm):
+    if layout == "cpu_int4" and (bits == 8 or not matmul.cpu_int4_supported(512, 256)):
+        pytest.skip("CPU int4 layout: INT4 only, where this PyTorch packs a known way")
+    q, scale = weights(512, 256, bits)
+    w = matmul.to_cpu_int4(q) if layout == "cpu_int4" else q
+    x = torch.randn(100, 256, dtype=torch.bfloat16)
+    y = matmul.weight_only_linear(x, w, scale, bits, layout)
+    assert no_bf16_gemm == [] and y.dtype == torch.bfloat16
+    ref = reference(x, q, scale, bits)
+    assert ((y.double() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-6).all()  # exact q · scale: one bf16 rounding
+
+
+def test_model_prefill_without_bf16_gemm_matches_the_native_path(no_bf16_gemm):
+    from tests.helpers import load_fixture_model
+    model = load_fixture_model(torch.bfloat16)
+    n = 40
+    tokens = torch.randint(20000, 60000, (1, n), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(n)[None]
+    mask = torch.ones(1, 1, n, n, dtype=torch.bool).triu(1)
+    without = model.logits(tokens, positions, mask).float()
+    assert no_bf16_gemm == []
+    torch.backends.mkldnn.enabled = True
+    native = model.logits(tokens, positions, mask).float()
+    exact = load_fixture_model(torch.float32).logits(tokens, positions, mask)
+    # both bf16 paths carry bf16 rounding; the fp32-block one is no further from the exact fp32 model
+    assert (without - exact).abs().max() <= 1.5 * (native - exact).abs().max() + 1e-3
