@@ -8,7 +8,9 @@ its per-op overhead costs as much again. This module provides
   x bf16 [..., K] with at most MAX_GEMV_ROWS rows (`applies(x)`); W bf16 [N, K], or q int8 [N, K] / packed int4
   [N, K/2] in GLM-130B's stored layout (even column in the high nibble) with one scale per output row.
   fp32 accumulation, one bf16 rounding per output. `quantization.weight_only_linear` and `linear` route to them.
-* `linear(x, w, bias)`: `F.linear` that takes the bf16 GEMV kernel when x is a CPU bf16 tensor with few rows.
+* `linear(x, w, bias)`: `F.linear` that takes the bf16 GEMV kernel when x is a CPU bf16 tensor with few rows, and
+  `linear_in_fp32_blocks` for many rows on a CPU whose PyTorch has no fast bf16 GEMM (`bf16_gemm_native`: AVX2-only
+  CPUs; GLM_CPU_BF16_GEMM=0 forces that path).
 * `decode_layers(x, bits, weights, ...)`: one token per sequence through every layer in one C++ call (RoPE +
   KV-cache append + attention, GeGLU, residual + LayerNorm fused); model/fast_decode.py plans and calls it.
 
