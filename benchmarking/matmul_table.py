@@ -21,6 +21,7 @@ The quantized layers run gemv8/gemv4 up to 16 rows where available, else the lib
 CPU_KERNEL_MAX_ROWS rows, and dequantize + GEMM above. Cells a path cannot run show "-".
 """
 import argparse
+import functools
 import os
 import sys
 import time
@@ -70,7 +71,8 @@ def measure(n: int, k: int, m: int, seconds: float) -> dict:
         "int4 lib": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, p4, g, sz)) if lib4 else None,
         "gemv4": (lambda: gemv.gemv_int4(x, q4, s4)) if fast else None,
         "fp32blk16": lambda: cpu.linear_in_fp32_blocks(x, n, lambda i, j, out: out.copy_(dense[i:j])),
-        "fp32blk8": lambda: cpu.linear_in_fp32_blocks(x, n, lambda i, j, out: out.copy_(q8[i:j]).mul_(s8[i:j, None])),
+        "fp32blk8": lambda: cpu.linear_in_fp32_blocks(x, n, functools.partial(matmul.dequantized_rows, q8, s8, 8,
+                                                                              "original")),
     }
     return {name: (time_ms(fn, seconds) if fn else None) for name, fn in paths.items()}
 

@@ -126,7 +126,7 @@ def dequantized_t(weight: torch.Tensor, scale: torch.Tensor, bits: int, layout: 
     return qt * scale.to(dtype) if apply_scale else qt  # fp16 x fp16 products are exact in fp32, rounded once
 
 
-def _dequantized_rows(weight: torch.Tensor, scale: torch.Tensor, bits: int, layout: str, i: int, j: int,
+def dequantized_rows(weight: torch.Tensor, scale: torch.Tensor, bits: int, layout: str, i: int, j: int,
                       out: torch.Tensor) -> torch.Tensor:
     """Rows i:j of q · scale into the fp32 `out` (every product exact in fp32). CPU_INT4 rows come in whole blocks."""
     q = weight[i:j]
@@ -176,7 +176,7 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), weight, int4_group_size(x.shape[-1]),
                                                        scales_and_zeros)
     elif cpu.needs_fp32_gemm(x):  # a CPU without a bf16 GEMM: exact fp32 q · scale, a block of rows at a time
-        y = cpu.linear_in_fp32_blocks(x2, weight.shape[0], functools.partial(_dequantized_rows, weight, scale, bits,
+        y = cpu.linear_in_fp32_blocks(x2, weight.shape[0], functools.partial(dequantized_rows, weight, scale, bits,
                                                                              layout))
     elif x.dtype == torch.float16:  # the original's arithmetic: fp16 weight q·scale, fp16 GEMM (x·q could overflow)
         y = torch.mm(x2, dequantized_t(weight, scale, bits, layout, x.dtype))
