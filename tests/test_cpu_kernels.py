@@ -84,28 +84,29 @@ def test_gemv_int4(m, k):
 
 
 @needs_kernels
-def test_gemv_int4_activation_outliers_and_non_finite():
-    """The avx2 / avx512 tiers round x to int16 per block of columns for INT4: a block holding an outlier (GLM's
-    activations have them) keeps its small values to 2^-15 of the outlier, other blocks keep full precision; a
-    non-finite x gives a non-finite output, as in the fp32 path."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gemv_integer_weights_activation_outliers_and_non_finite(bits):
+    """The avx2 / avx512 tiers round x to int16 per block of columns for INT8 and INT4: a block holding an outlier
+    (GLM's activations have them) keeps its small values to 2^-15 of the outlier, other blocks keep full precision;
+    a non-finite x gives a non-finite output, as in the fp32 path."""
     from quantization.functional import pack_int4
     k, n = 1000, 29
     x = randn(3, k) * 1e-2
     x[0, 5] = 300.0  # one outlier in the first block of row 0
     x[1, 700:] *= 1e-4  # tiny values in the last blocks of row 1
     x = x.bfloat16()
-    q = torch.randint(-8, 8, (n, k), generator=GEN, dtype=torch.int8)
+    q = torch.randint(-2 ** (bits - 1), 2 ** (bits - 1), (n, k), generator=GEN, dtype=torch.int8)
     scale = (torch.rand(n, generator=GEN) * 0.1 + 1e-3).half()
     w = q.float() * scale.float()[:, None]
-    out = cpu.gemv_int4(x, pack_int4(q), scale).float()
+    gemv = (lambda x_: cpu.gemv_int8(x_, q, scale)) if bits == 8 else (lambda x_: cpu.gemv_int4(x_, pack_int4(q), scale))
     ref = x.float() @ w.t()
-    assert_close_bf16(out, ref, "gemv_int4 with outliers")
+    assert_close_bf16(gemv(x).float(), ref, f"gemv_int{bits} with outliers")
     tail = x.float()[1:2, 700:] @ w[:, 700:].t()  # the tiny blocks alone, through the kernel too
     x_tail = torch.zeros_like(x[1:2])
     x_tail[:, 700:] = x[1:2, 700:]
-    assert_close_bf16(cpu.gemv_int4(x_tail, pack_int4(q), scale), tail, "gemv_int4 tiny blocks")
+    assert_close_bf16(gemv(x_tail), tail, f"gemv_int{bits} tiny blocks")
     x[2, 999] = float("nan")
-    assert not cpu.gemv_int4(x, pack_int4(q), scale)[2].float().isfinite().any()
+    assert not gemv(x)[2].float().isfinite().any()
 
 
 @needs_kernels

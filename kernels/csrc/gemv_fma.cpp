@@ -1,16 +1,12 @@
 // The GEMV tiles of the avx512 and avx2 tiers, for CPUs without AVX-512 BF16: fp32 FMA on 16 (AVX-512F) or 8
-// (AVX2) lanes for bf16 and INT8 weights (FmaKernel), 16-bit integer products for INT4 (Int4ByInt16, below). The
+// (AVX2) lanes for bf16 weights (FmaKernel), 16-bit integer products for INT8 and INT4 (ByInt16, below). The
 // driver (row chunks, streams, output) is gemv.h's.
 //
 // FmaKernel reads weights one integer vector (kBlock = 4 * kLanes bytes) at a time and turns it into kPhases fp32
-// vectors with one or two integer instructions each, no shuffles: lane i of phase p holds the weight of column
-// block * kPhases * kLanes + kPhases * i + col(p), where
-//   BF16 (2 phases): the two bf16 of a 32-bit lane: low half << 16 (even column), high half & 0xFFFF0000 (odd);
-//   INT8 (4 phases): byte p of a 32-bit lane, masked in place and converted: q * 2^(8p), exact.
-// x is laid out to match once per call (fp32, phase by phase, times 2^-(8p), zero beyond K), so one FMA per phase
-// and activation row applies a weight vector. INT8's bytes but the top one are first offset to unsigned (XOR 0x80)
-// so masking needs no sign extension; the offset times the sum of those columns of x is subtracted from the row
-// sum at the end (in fp32; the rounding it adds is ~1e-6 relative, far below bf16's 4e-3).
+// vectors with one integer instruction each, no shuffles: lane i of phase p holds the weight of column
+// block * kPhases * kLanes + kPhases * i + col(p): the two bf16 of a 32-bit lane, low half << 16 (even column),
+// high half & 0xFFFF0000 (odd). x is laid out to match once per call (fp32, phase by phase, zero beyond K), so one
+// FMA per phase and activation row applies a weight vector.
 #include <ATen/ATen.h>
 
 #include <immintrin.h>
@@ -40,23 +36,11 @@ template <Format F> struct Layout;
 
 template <> struct Layout<Format::BF16> {
   static constexpr int kPhases = 2;
-  static constexpr float kBias = 0.0f;
-  static constexpr int32_t kXor = 0;
   static constexpr int col(int p) { return p; }
-  static constexpr float xscale(int) { return 1.0f; }
   template <int p> static inline VF weights(VI v) {
     if constexpr (p == 0) return as_f(slli32<16>(v));
     else return as_f(and_i(v, set1i(int32_t(0xFFFF0000u))));
   }
-};
-
-template <> struct Layout<Format::INT8> {
-  static constexpr int kPhases = 4;
-  static constexpr float kBias = 128.0f;
-  static constexpr int32_t kXor = 0x00808080;  // bytes 0-2 -> q + 128; byte 3 stays signed
-  static constexpr int col(int p) { return p; }
-  static constexpr float xscale(int p) { return 1.0f / float(1u << (8 * p)); }
-  template <int p> static inline VF weights(VI v) { return cvt_i32(and_i(v, set1i(int32_t(0xFFu << (8 * p))))); }
 };
 
 #define GLM_ALWAYS_INLINE __attribute__((always_inline))
@@ -115,7 +99,6 @@ struct FmaKernel {
     static constexpr int64_t kBlockWeights = int64_t(kPhases) * W;
     int64_t full_blocks = 0, tail_bytes = 0;
     const float* x[16] = {};
-    float correction[16] = {};
 
     Activations(const bf16* xp, int64_t M, int64_t K) {
       const int64_t rb = row_bytes<F>(K);
@@ -125,30 +108,21 @@ struct FmaKernel {
       const int64_t stride = blocks * kBlockWeights;
       static thread_local std::vector<float> buf;  // x is small: it stays in L1 / L2 across the weight rows
       if (int64_t(buf.size()) < M * stride) buf.resize(M * stride);
-      float scales[kPhases];
       int phase_of_col[kPhases];
-      for (int p = 0; p < kPhases; ++p) {
-        scales[p] = L::xscale(p);
-        phase_of_col[L::col(p)] = p;
-      }
+      for (int p = 0; p < kPhases; ++p) phase_of_col[L::col(p)] = p;
       for (int64_t m = 0; m < M; ++m) {
         float* dst = buf.data() + m * stride;
         const bf16* src = xp + m * K;
-        double total = 0.0, top = 0.0;  // the sum of the row, and of its columns of the unbiased top phase
         for (int64_t b = 0; b < blocks; ++b) {
           float* db = dst + b * kBlockWeights;
           for (int i = 0; i < W; ++i)
             for (int c = 0; c < kPhases; ++c) {
               const int64_t k = b * kBlockWeights + int64_t(i) * kPhases + c;
               const int p = phase_of_col[c];
-              const float v = k < K ? to_f32(src[k]) : 0.0f;
-              db[p * W + i] = v * scales[p];
-              total += v;
-              if (p == kPhases - 1) top += v;
+              db[p * W + i] = k < K ? to_f32(src[k]) : 0.0f;
             }
         }
         x[m] = dst;
-        correction[m] = float(double(L::kBias) * (total - top));
       }
     }
   };
@@ -163,7 +137,6 @@ struct FmaKernel {
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m)
         for (int u = 0; u < U; ++u) acc[r][m][u] = zero();
-    const VI flip = set1i(L::kXor);
     auto step = [&](const VI* v, int64_t b) GLM_ALWAYS_INLINE {
       const float* xb[M];
       for (int m = 0; m < M; ++m) xb[m] = xs.x[m0 + m] + b * (P * W);
@@ -177,16 +150,12 @@ struct FmaKernel {
         }
       }, std::make_integer_sequence<int, P>{});
     };
-    for_each_block<R>(rows, xs.full_blocks, xs.tail_bytes, [&](VI* v, int64_t b) GLM_ALWAYS_INLINE {
-      if constexpr (L::kXor != 0)
-        for (int r = 0; r < R; ++r) v[r] = xor_i(v[r], flip);
-      step(v, b);
-    });
+    for_each_block<R>(rows, xs.full_blocks, xs.tail_bytes, step);
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) {
         VF t = acc[r][m][0];
         for (int u = 1; u < U; ++u) t = add(t, acc[r][m][u]);
-        out[r * 16 + m] = reduce_add(t) - xs.correction[m0 + m];
+        out[r * 16 + m] = reduce_add(t);
       }
   }
 
@@ -211,16 +180,39 @@ struct FmaKernel {
   }
 };
 
-// INT4 by 16-bit integer products (vpmaddwd), faster than widening every nibble to fp32 (fewer instructions per
-// weight: two shifts sign-extend a nibble in place, one madd multiplies 2W of them). 16-bit lane i of a weight
-// vector holds 4 nibbles; nibble q is the weight of column 4i + (q ^ 1) of its block of 8W columns (GLM-130B's
-// layout: the high nibble of a byte is the even column). x is rounded once per call to int16 per block:
-// X = round(x * 2^(14 - e)) with 2^e > max |x| of the block, so |X| <= 2^14 and the rounding error is at most 2^-15
-// of the block's largest |x| (bf16 outputs are rounded at 2^-9 of their value). The madds of a block sum in int32
-// (|sum| < 2^20) and go into the fp32 accumulator once per block, times the block's 2^(e - 14).
-struct Int4ByInt16 {
-  static constexpr int64_t kCols = 8 * W;  // columns per block (kBlock bytes of weights)
+// INT8 and INT4 by 16-bit integer products (vpmaddwd), faster than widening every weight to fp32 (fewer
+// instructions per weight: shifts sign-extend a byte or nibble in place, one madd multiplies 2W of them).
+// Each 16-bit lane of a weight vector holds kPhases weights (Int16Layout: 2 bytes, or 4 nibbles); phase p of lane
+// i is the weight of column col(i, p) of its block of kCols columns (kBlock bytes). x is rounded once per call to
+// int16 per block, in the same order: X = round(x * 2^(14 - e)) with 2^e > max |x| of the block, so |X| <= 2^14 and
+// the rounding error is at most 2^-15 of the block's largest |x| (bf16 outputs are rounded at 2^-9 of their
+// value). The madds of a block sum in int32 (|sum| < 2^23) and go into the fp32 accumulator once per block, times
+// the block's 2^(e - 14).
+template <Format F> struct Int16Layout;
+
+template <> struct Int16Layout<Format::INT8> {  // byte p of lane i: column 2i + p
+  static constexpr int kPhases = 2;
+  static constexpr int64_t col(int i, int p) { return 2 * i + p; }
+  template <int p> static inline VI weights(VI v) {
+    if constexpr (p == 1) return srai16<8>(v);
+    else return srai16<8>(slli16<8>(v));
+  }
+};
+
+template <> struct Int16Layout<Format::INT4> {  // nibble q of lane i: column 4i + (q ^ 1) (the high nibble is even)
+  static constexpr int kPhases = 4;
+  static constexpr int64_t col(int i, int q) { return 4 * i + (q ^ 1); }
+  template <int q> static inline VI weights(VI v) {
+    if constexpr (q == 3) return srai16<12>(v);
+    else return srai16<12>(slli16<12 - 4 * q>(v));
+  }
+};
+
+template <Format F>
+struct ByInt16 {
+  using L = Int16Layout<F>;
   static constexpr int kLanes16 = 2 * W;
+  static constexpr int64_t kCols = int64_t(L::kPhases) * kLanes16;  // columns per block (kBlock bytes of weights)
 
   struct Activations {
     int64_t full_blocks = 0, tail_bytes = 0;
@@ -228,8 +220,8 @@ struct Int4ByInt16 {
     const float* scale[16] = {};
 
     Activations(const bf16* xp, int64_t M, int64_t K) {
-      full_blocks = (K / 2) / kBlock;
-      tail_bytes = (K / 2) % kBlock;
+      full_blocks = row_bytes<F>(K) / kBlock;
+      tail_bytes = row_bytes<F>(K) % kBlock;
       const int64_t blocks = full_blocks + (tail_bytes > 0);
       static thread_local std::vector<int16_t> xbuf;
       static thread_local std::vector<float> sbuf;
@@ -253,19 +245,14 @@ struct Int4ByInt16 {
           const float up = std::ldexp(1.0f, 14 - e);
           sc[b] = finite ? std::ldexp(1.0f, e - 14) : std::numeric_limits<float>::quiet_NaN();
           for (int i = 0; i < kLanes16; ++i)
-            for (int q = 0; q < 4; ++q)
-              dst[(b * 4 + q) * kLanes16 + i] = finite ? int16_t(std::lrint(value(4 * i + (q ^ 1)) * up)) : 0;
+            for (int p = 0; p < L::kPhases; ++p)
+              dst[(b * L::kPhases + p) * kLanes16 + i] = finite ? int16_t(std::lrint(value(L::col(i, p)) * up)) : 0;
         }
         x[m] = dst;
         scale[m] = sc;
       }
     }
   };
-
-  template <int q> static inline VI nibble(VI v) {  // nibble q of every 16-bit lane, sign-extended
-    if constexpr (q == 3) return srai16<12>(v);
-    else return srai16<12>(slli16<12 - 4 * q>(v));
-  }
 
   template <int M, int R>
   static void tile(const Activations& xs, int m0, const uint8_t* const* rows, float* out) {
@@ -274,15 +261,15 @@ struct Int4ByInt16 {
       for (int m = 0; m < M; ++m) acc[r][m] = zero();
     auto step = [&](const VI* v, int64_t b) GLM_ALWAYS_INLINE {
       VI sum[R][M];
-      for_each_phase([&](auto qc) GLM_ALWAYS_INLINE {
-        constexpr int q = decltype(qc)::value;
-        VI xq[M];
-        for (int m = 0; m < M; ++m) xq[m] = loadu_i(xs.x[m0 + m] + (b * 4 + q) * kLanes16);
+      for_each_phase([&](auto pc) GLM_ALWAYS_INLINE {
+        constexpr int p = decltype(pc)::value;
+        VI xp[M];
+        for (int m = 0; m < M; ++m) xp[m] = loadu_i(xs.x[m0 + m] + (b * L::kPhases + p) * kLanes16);
         for (int r = 0; r < R; ++r) {
-          const VI w = nibble<q>(v[r]);
-          for (int m = 0; m < M; ++m) sum[r][m] = q == 0 ? madd_i16(w, xq[m]) : add_i32(sum[r][m], madd_i16(w, xq[m]));
+          const VI w = L::template weights<p>(v[r]);
+          for (int m = 0; m < M; ++m) sum[r][m] = p == 0 ? madd_i16(w, xp[m]) : add_i32(sum[r][m], madd_i16(w, xp[m]));
         }
-      }, std::make_integer_sequence<int, 4>{});
+      }, std::make_integer_sequence<int, L::kPhases>{});
       for (int m = 0; m < M; ++m) {
         const VF s = set1(xs.scale[m0 + m][b]);
         for (int r = 0; r < R; ++r) acc[r][m] = fmadd(cvt_i32(sum[r][m]), s, acc[r][m]);
@@ -305,16 +292,16 @@ struct Int4ByInt16 {
   }
 };
 
-// This tier's kernel: FmaKernel, with INT4 through Int4ByInt16.
+// This tier's kernel: FmaKernel for bf16, ByInt16 for INT8 and INT4.
 struct TierKernel {
   static constexpr int kRowsPerPass = FmaKernel::kRowsPerPass;
   template <Format F>
-  using Activations = std::conditional_t<F == Format::INT4, Int4ByInt16::Activations, FmaKernel::Activations<F>>;
+  using Activations = std::conditional_t<F == Format::BF16, FmaKernel::Activations<F>, typename ByInt16<F>::Activations>;
   template <Format F>
   static void tiles(const Activations<F>& xs, int m0, int mc, const uint8_t* const* rows, int nrows, int64_t K,
                     float* out) {
-    if constexpr (F == Format::INT4) Int4ByInt16::tiles(xs, m0, mc, rows, nrows, out);
-    else FmaKernel::tiles<F>(xs, m0, mc, rows, nrows, K, out);
+    if constexpr (F == Format::BF16) FmaKernel::tiles<F>(xs, m0, mc, rows, nrows, K, out);
+    else ByInt16<F>::tiles(xs, m0, mc, rows, nrows, out);
   }
 };
 
