@@ -145,6 +145,8 @@ def test_thread_pool_runs_every_chunk_once_before_returning():
     torch.set_num_threads(4)
     try:
         assert torch.ops.glm_cpu.pool_check(20000, 9) == 0
+        # across the pool's 32-bit call counter wrap-around (billions of calls in a long-running server)
+        assert torch.ops.glm_cpu.pool_check(200, 9, 2 ** 32 - 101) == 0
     finally:
         torch.set_num_threads(threads)
 

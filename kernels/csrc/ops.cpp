@@ -28,7 +28,7 @@ TORCH_LIBRARY(glm_cpu, m) {
         "Tensor? mask=None) -> Tensor");
   m.def("add_layernorm(Tensor x, Tensor r, float alpha, Tensor weight, Tensor bias, float eps) -> Tensor");
   m.def("read_sum(Tensor x) -> float");
-  m.def("pool_check(int jobs, int chunks) -> int", &pool_check);
+  m.def("pool_check(int jobs, int chunks, int first_generation=-1) -> int", &pool_check);
   m.def("tier() -> str", &tier);
 }
 

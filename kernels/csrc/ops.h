@@ -22,9 +22,10 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 // (read_sum.cpp).
 double read_sum(const at::Tensor& x);
 
-// The thread pool's self-check (read_sum.cpp): `jobs` parallel calls of `chunks` one-item chunks, each chunk
+// The thread pool's self-check (read_sum.cpp): `jobs` parallel calls of 2..`chunks` one-item chunks, each chunk
 // counting its runs; returns how many chunks did not run exactly once before their call returned (0 when sound).
-int64_t pool_check(int64_t jobs, int64_t chunks);
+// first_generation >= 0 first moves the pool's call counter there (to cross its 32-bit wrap-around).
+int64_t pool_check(int64_t jobs, int64_t chunks, int64_t first_generation);
 
 // One decoding step (decode_step.cpp).
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,

@@ -31,6 +31,12 @@ class Pool {
     return pool;
   }
 
+  // The next call's generation is `generation` + 2 (tests: calls across the 32-bit wrap-around).
+  void restart_at(uint32_t generation) {
+    std::lock_guard<std::mutex> one_job(run_mu_);
+    next_.store(uint64_t(generation) << 32 | kClosed, std::memory_order_seq_cst);
+  }
+
   // fn(i) for every i in [0, n), spread over the calling thread and the helpers.
   template <class Fn>
   void run(int64_t n, const Fn& fn) {
@@ -44,8 +50,10 @@ class Pool {
     // Close the previous generation before touching the job: a helper still inside participate() for it (it read
     // next_, then was descheduled) could otherwise read the new total_ and claim an index of the old generation
     // with its CAS, running the new job's chunk twice and ending the wait below while a chunk still runs.
-    const uint64_t gen = (next_.load(std::memory_order_relaxed) >> 32) + 2;
-    next_.store(((gen - 1) << 32) | kClosed, std::memory_order_seq_cst);
+    // Generations are 32-bit and wrap around (a long-running server makes billions of calls).
+    const uint64_t last = next_.load(std::memory_order_relaxed) >> 32;
+    const uint64_t gen = (last + 2) & kClosed;
+    next_.store((((last + 1) & kClosed) << 32) | kClosed, std::memory_order_seq_cst);
     job_ = [&fn](int64_t i) { fn(i); };
     done_.store(0, std::memory_order_relaxed);
     total_.store(n, std::memory_order_release);
