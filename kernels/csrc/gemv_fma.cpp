@@ -4,7 +4,7 @@
 //
 // FmaKernel reads weights one integer vector (kBlock = 4 * kLanes bytes) at a time and turns it into kPhases fp32
 // vectors with one integer instruction each, no shuffles: lane i of phase p holds the weight of column
-// block * kPhases * kLanes + kPhases * i + col(p): the two bf16 of a 32-bit lane, low half << 16 (even column),
+// block * kPhases * kLanes + kPhases * i + p: the two bf16 of a 32-bit lane, low half << 16 (even column),
 // high half & 0xFFFF0000 (odd). x is laid out to match once per call (fp32, phase by phase, zero beyond K), so one
 // FMA per phase and activation row applies a weight vector.
 #include <ATen/ATen.h>
@@ -36,7 +36,6 @@ template <Format F> struct Layout;
 
 template <> struct Layout<Format::BF16> {
   static constexpr int kPhases = 2;
-  static constexpr int col(int p) { return p; }
   template <int p> static inline VF weights(VI v) {
     if constexpr (p == 0) return as_f(slli32<16>(v));
     else return as_f(and_i(v, set1i(int32_t(0xFFFF0000u))));
@@ -108,17 +107,14 @@ struct FmaKernel {
       const int64_t stride = blocks * kBlockWeights;
       static thread_local std::vector<float> buf;  // x is small: it stays in L1 / L2 across the weight rows
       if (int64_t(buf.size()) < M * stride) buf.resize(M * stride);
-      int phase_of_col[kPhases];
-      for (int p = 0; p < kPhases; ++p) phase_of_col[L::col(p)] = p;
       for (int64_t m = 0; m < M; ++m) {
         float* dst = buf.data() + m * stride;
         const bf16* src = xp + m * K;
         for (int64_t b = 0; b < blocks; ++b) {
           float* db = dst + b * kBlockWeights;
           for (int i = 0; i < W; ++i)
-            for (int c = 0; c < kPhases; ++c) {
-              const int64_t k = b * kBlockWeights + int64_t(i) * kPhases + c;
-              const int p = phase_of_col[c];
+            for (int p = 0; p < kPhases; ++p) {
+              const int64_t k = b * kBlockWeights + int64_t(i) * kPhases + p;
               db[p * W + i] = k < K ? to_f32(src[k]) : 0.0f;
             }
         }
