@@ -86,9 +86,9 @@ def test_gemv_int4(m, k):
 @needs_kernels
 @pytest.mark.parametrize("bits", [8, 4])
 def test_gemv_integer_weights_activation_outliers_and_non_finite(bits):
-    """The avx2 / avx512 tiers round x to int16 per block of columns for INT8 and INT4: a block holding an outlier
-    (GLM's activations have them) keeps its small values to 2^-15 of the outlier, other blocks keep full precision;
-    a non-finite x gives a non-finite output, as in the fp32 path."""
+    """The avx2 / avx512 tiers round x to 15-bit integers per span of columns for INT8 and INT4: a span holding an
+    outlier (GLM's activations have them) keeps its small values to 2^-14 of the outlier, other spans keep full
+    precision; a non-finite x gives a non-finite output, as in the fp32 path."""
     from quantization.functional import pack_int4
     k, n = 1000, 29
     x = randn(3, k) * 1e-2
@@ -107,6 +107,31 @@ def test_gemv_integer_weights_activation_outliers_and_non_finite(bits):
     assert_close_bf16(gemv(x_tail), tail, f"gemv_int{bits} tiny blocks")
     x[2, 999] = float("nan")
     assert not gemv(x)[2].float().isfinite().any()
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gemv_integer_weights_error_bound(bits):
+    """Every tier's INT8 / INT4 output is within the documented error of the exact product: one bf16 rounding of the
+    output plus, on the FMA tiers, x rounded to 2^-14 of the largest |x| in its span of at most 512 columns
+    (docs/performance.md); and x of subnormal size gives a finite output near 0, not garbage."""
+    from quantization.functional import pack_int4
+    k, n, span = 1536, 64, 512
+    x = randn(4, k)
+    x[0, 3], x[1, 700] = 1000.0, -250.0  # outliers, GLM-style, in different spans
+    x[2] *= 1e-3
+    x = x.bfloat16()
+    q = torch.randint(-2 ** (bits - 1), 2 ** (bits - 1), (n, k), generator=GEN, dtype=torch.int8)
+    scale = (torch.rand(n, generator=GEN) * 0.1 + 1e-3).half()
+    w = q.double() * scale.double()[:, None]
+    out = (cpu.gemv_int8(x, q, scale) if bits == 8 else cpu.gemv_int4(x, pack_int4(q), scale)).double()
+    ref = x.double() @ w.t()
+    span_max = x.double().abs().reshape(4, k // span, span).amax(-1).repeat_interleave(span, dim=1)
+    bound = 2.0 ** -8 * ref.abs() + 2.0 ** -14 * (span_max @ w.abs().t()) + 1e-30
+    assert ((out - ref).abs() <= bound).all(), f"max error / bound {((out - ref).abs() / bound).max():.3g}"
+    tiny = torch.full((1, k), 1e-37).bfloat16()  # 2^(14 - e) overflows fp32 for such spans unless capped
+    out = cpu.gemv_int8(tiny, q, scale) if bits == 8 else cpu.gemv_int4(tiny, pack_int4(q), scale)
+    assert out.float().isfinite().all() and out.float().abs().max() < 1e-30
 
 
 @needs_kernels

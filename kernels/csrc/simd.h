@@ -68,6 +68,17 @@ inline VI add_i32(VI a, VI b) { return _mm512_add_epi32(a, b); }
 inline VI madd_i16(VI a, VI b) { return _mm512_madd_epi16(a, b); }  // int16 pairs multiplied, each pair summed
 template <int n> inline VI slli16(VI a) { return _mm512_slli_epi16(a, n); }
 template <int n> inline VI srai16(VI a) { return _mm512_srai_epi16(a, n); }
+template <int n> inline VI srli16(VI a) { return _mm512_srli_epi16(a, n); }
+inline VI sub_i32(VI a, VI b) { return _mm512_sub_epi32(a, b); }
+inline VI add_i16(VI a, VI b) { return _mm512_add_epi16(a, b); }
+inline VI set1i8(int8_t v) { return _mm512_set1_epi8(v); }
+inline VI set1i16(int16_t v) { return _mm512_set1_epi16(v); }
+inline VI zero_i() { return _mm512_setzero_si512(); }
+inline VI maddubs_i8(VI u, VI s) { return _mm512_maddubs_epi16(u, s); }  // uint8 x int8 pairs, each pair summed
+inline VI max_i32(VI a, VI b) { return _mm512_max_epi32(a, b); }
+inline VI min_i32(VI a, VI b) { return _mm512_min_epi32(a, b); }
+inline VI round_i32(VF a) { return _mm512_cvtps_epi32(a); }  // to nearest even (the default rounding mode)
+inline void storeu_i(void* p, VI v) { _mm512_storeu_si512(p, v); }
 inline float reduce_add(VF v) { return _mm512_reduce_add_ps(v); }
 inline VF round_nearest(VF v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline VF scale_pow2(VF p, VF n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integer-valued
@@ -123,6 +134,17 @@ inline VI add_i32(VI a, VI b) { return _mm256_add_epi32(a, b); }
 inline VI madd_i16(VI a, VI b) { return _mm256_madd_epi16(a, b); }
 template <int n> inline VI slli16(VI a) { return _mm256_slli_epi16(a, n); }
 template <int n> inline VI srai16(VI a) { return _mm256_srai_epi16(a, n); }
+template <int n> inline VI srli16(VI a) { return _mm256_srli_epi16(a, n); }
+inline VI sub_i32(VI a, VI b) { return _mm256_sub_epi32(a, b); }
+inline VI add_i16(VI a, VI b) { return _mm256_add_epi16(a, b); }
+inline VI set1i8(int8_t v) { return _mm256_set1_epi8(v); }
+inline VI set1i16(int16_t v) { return _mm256_set1_epi16(v); }
+inline VI zero_i() { return _mm256_setzero_si256(); }
+inline VI maddubs_i8(VI u, VI s) { return _mm256_maddubs_epi16(u, s); }
+inline VI max_i32(VI a, VI b) { return _mm256_max_epi32(a, b); }
+inline VI min_i32(VI a, VI b) { return _mm256_min_epi32(a, b); }
+inline VI round_i32(VF a) { return _mm256_cvtps_epi32(a); }
+inline void storeu_i(void* p, VI v) { _mm256_storeu_si256((__m256i*)p, v); }
 inline float reduce_add(VF v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
