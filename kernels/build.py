@@ -4,8 +4,8 @@ Tiers, best first, each a separately compiled library registering the same ops u
 tier is loaded per process):
 
   avx512bf16  AVX-512 F/BW/VL/DQ + BF16: bf16 dot products (vdpbf16ps)          gemv_avx512bf16.cpp
-  avx512      AVX-512 F/BW/VL/DQ: bf16 widened to fp32 + FMA on 16 lanes, INT8/INT4   gemv_fma.cpp
-              by 16-bit integer products
+  avx512      AVX-512 F/BW/VL/DQ: bf16 widened to fp32 + FMA on 16 lanes, INT8 by     gemv_fma.cpp
+              16-bit integer products, INT4 by byte products
   avx2        AVX2 + FMA + F16C: the same on 8 lanes                              gemv_fma.cpp
   none        PyTorch ops
 
