@@ -302,8 +302,8 @@ struct Int8ByInt16 {
 // (the low nibble), of its hi vector u of column 2j. x is rounded once per call per group of kGroup blocks
 // (round_span) and split into two int8 halves, X = 128 h + l with l = X & 127, so sum u X = 128 sum u h + sum u l.
 // The int16 sums stay below 2^15 over a group (2 * kGroup products of pairs of at most 15 * 128), go to int32 once
-// per group (vpmaddwd by 128 and by 1), lose the offset's 8 * sum X (exactly, in int32) and enter the fp32
-// accumulator times the group's scale.
+// per group (vpmaddwd by 128 and by 1), lose the offset's 8 * sum X lane by lane (exactly, in int32: each lane is
+// then a true partial sum below 2^22, exact in fp32) and enter the fp32 accumulator times the group's scale.
 struct Int4ByBytes {
   static constexpr int64_t kCols = 2 * kBlock;  // columns per block (kBlock bytes of nibbles)
   static constexpr int64_t kGroup = 4;          // blocks per scale of x
@@ -313,7 +313,7 @@ struct Int4ByBytes {
     int64_t full_blocks = 0, tail_bytes = 0;
     const int8_t* x[16] = {};
     const float* scale[16] = {};
-    const int32_t* offset[16] = {};  // per group: a vector with 8 * sum X in lane 0, zeros elsewhere
+    const int32_t* offset[16] = {};  // per group and int32 lane: 8 * sum X over the columns that lane sums
 
     Activations(const bf16* xp, int64_t M, int64_t K) {
       full_blocks = row_bytes<Format::INT4>(K) / kBlock;
@@ -330,7 +330,8 @@ struct Int4ByBytes {
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t g = 0; g < groups; ++g) {
           sbuf[m * groups + g] = round_span(xp + m * K + g * gcols, K - g * gcols, gcols, X);
-          int32_t sum = 0;
+          int32_t* off = obuf.data() + (m * groups + g) * W;
+          std::fill(off, off + W, 0);
           for (int64_t j = 0; j < gcols / 2; ++j) {
             const int32_t even = X[2 * j], odd = X[2 * j + 1];
             int8_t* block = xbuf.data() + m * xlen + (g * kGroup + j / kBlock) * kHalves * kBlock + j % kBlock;
@@ -338,11 +339,8 @@ struct Int4ByBytes {
             block[kBlock] = int8_t(odd >> 7);
             block[2 * kBlock] = int8_t(even & 127);
             block[3 * kBlock] = int8_t(odd & 127);
-            sum += even + odd;
+            off[(j % kBlock) / 4] += 8 * (even + odd);  // int32 lane i sums weight bytes 4i..4i+3 of each block
           }
-          int32_t* off = obuf.data() + (m * groups + g) * W;
-          std::fill(off, off + W, 0);
-          off[0] = 8 * sum;
         }
         x[m] = xbuf.data() + m * xlen;
         scale[m] = sbuf.data() + m * groups;
