@@ -285,15 +285,6 @@ struct Int8ByInt16 {
   }
 
   template <int M> static constexpr int rows_per_tile() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
-
-  static void tiles(const Activations& xs, int m0, int mc, const uint8_t* const* rows, int nrows, float* out) {
-    with_rows(mc, [&](auto mcon) {
-      constexpr int M = decltype(mcon)::value, R = rows_per_tile<M>();
-      int r = 0;
-      for (; r + R <= nrows; r += R) tile<M, R>(xs, m0, rows + r, out + r * 16);
-      for (; r < nrows; ++r) tile<M, 1>(xs, m0, rows + r, out + r * 16);
-    });
-  }
 };
 
 // INT4 by byte products (vpmaddubsw: uint8 x int8, adjacent pairs summed to int16), which needs fewer and cheaper
@@ -396,16 +387,19 @@ struct Int4ByBytes {
   template <int M> static constexpr int rows_per_tile() {
     return W == 16 ? (M == 1 ? 4 : (M == 2 ? 2 : 1)) : (M == 1 ? 2 : 1);
   }
-
-  static void tiles(const Activations& xs, int m0, int mc, const uint8_t* const* rows, int nrows, float* out) {
-    with_rows(mc, [&](auto mcon) {
-      constexpr int M = decltype(mcon)::value, R = rows_per_tile<M>();
-      int r = 0;
-      for (; r + R <= nrows; r += R) tile<M, R>(xs, m0, rows + r, out + r * 16);
-      for (; r < nrows; ++r) tile<M, 1>(xs, m0, rows + r, out + r * 16);
-    });
-  }
 };
+
+// nrows weight rows x mc activation rows through an integer kernel, Kernel::rows_per_tile<M>() weight rows a tile.
+template <class Kernel>
+void integer_tiles(const typename Kernel::Activations& xs, int m0, int mc, const uint8_t* const* rows, int nrows,
+                   float* out) {
+  with_rows(mc, [&](auto mcon) {
+    constexpr int M = decltype(mcon)::value, R = Kernel::template rows_per_tile<M>();
+    int r = 0;
+    for (; r + R <= nrows; r += R) Kernel::template tile<M, R>(xs, m0, rows + r, out + r * 16);
+    for (; r < nrows; ++r) Kernel::template tile<M, 1>(xs, m0, rows + r, out + r * 16);
+  });
+}
 
 // This tier's kernel: FmaKernel for bf16, Int8ByInt16 for INT8, Int4ByBytes for INT4.
 struct TierKernel {
@@ -418,8 +412,8 @@ struct TierKernel {
   static void tiles(const Activations<F>& xs, int m0, int mc, const uint8_t* const* rows, int nrows, int64_t K,
                     float* out) {
     if constexpr (F == Format::BF16) FmaKernel::tiles<F>(xs, m0, mc, rows, nrows, K, out);
-    else if constexpr (F == Format::INT8) Int8ByInt16::tiles(xs, m0, mc, rows, nrows, out);
-    else Int4ByBytes::tiles(xs, m0, mc, rows, nrows, out);
+    else if constexpr (F == Format::INT8) integer_tiles<Int8ByInt16>(xs, m0, mc, rows, nrows, out);
+    else integer_tiles<Int4ByBytes>(xs, m0, mc, rows, nrows, out);
   }
 };
 
