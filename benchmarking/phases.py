@@ -64,12 +64,18 @@ def prefill(model, tokens: torch.Tensor, cache: KVCache, device) -> torch.Tensor
                                     logits_index=torch.full((batch,), prompt - 1, device=device))
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The next token of each row [b, 1], picked from fp32 logits as generation's strategies pick (torch's argmax over
+    150528 bf16 logits takes ~5x as long as over fp32 ones: 0.55 vs 0.11 ms here)."""
+    return logits[:, -1].float().argmax(-1, keepdim=True)
+
+
 def decode_step(model, next_tokens: torch.Tensor, cache: KVCache, device) -> torch.Tensor:
     """One greedy token per row against the cache; the next tokens [b, 1]."""
     length = cache.length
     logits = model.forward_with_cache(next_tokens, torch.full((next_tokens.shape[0], 1), length, device=device),
                                       torch.zeros(1, 1, 1, length + 1, dtype=torch.bool, device=device), cache)
-    return logits[:, -1].argmax(-1, keepdim=True)
+    return greedy(logits)
 
 
 def run_decode(model, batch: int, prompt: int, steps: int, device, probe=None, nbytes=None,
@@ -82,7 +88,7 @@ def run_decode(model, batch: int, prompt: int, steps: int, device, probe=None, n
     logits = prefill(model, tokens, cache, device)
     sync(device)
     prefill_s = time.perf_counter() - start
-    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    nxt = greedy(logits)
     times, fractions = [], []
     bounds = [round(i * steps / segments) for i in range(segments + 1)]
     bw_before = probe() if probe else None
