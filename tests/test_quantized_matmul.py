@@ -92,16 +92,19 @@ def test_fp16_uses_the_original_dequantized_weight(bits):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_kernel_path_is_taken_for_decode(bits, monkeypatch):
-    """Decode-sized bf16 inputs never build the dense weight; prefill-sized ones do."""
+    """Decode-sized bf16 inputs never build the dense weight; prefill-sized ones do (whole, or a block of rows at a
+    time on a CPU without a bf16 GEMM)."""
     q, scale = weights(256, 512, bits)
     w, layout = stored(q, bits)
     calls = []
-    real = matmul.dequantized_t
-    monkeypatch.setattr(matmul, "dequantized_t", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("dequantized_t", "dequantized_rows"):
+        real = getattr(matmul, name)
+        monkeypatch.setattr(matmul, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     matmul.weight_only_linear(torch.randn(1, 512, dtype=torch.bfloat16), w, scale, bits, layout)
     assert calls == []
     matmul.weight_only_linear(torch.randn(200, 512, dtype=torch.bfloat16), w, scale, bits, layout)
-    assert calls == [1]
+    dense = "dequantized_rows" if cpu.needs_fp32_gemm(torch.empty(200, 512, dtype=torch.bfloat16)) else "dequantized_t"
+    assert calls and set(calls) == {dense}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
