@@ -201,7 +201,13 @@ class Scheduler:
 
 def _notify_others(message: dict) -> None:
     """Broadcast `message` to the other ranks, giving up after NOTIFY_TIMEOUT_S (a lost rank can block it)."""
-    sender = threading.Thread(target=lambda: mpu.broadcast_object(message), name="notify", daemon=True)
+    def send():
+        try:
+            mpu.broadcast_object(message)
+        except Exception:  # noqa: BLE001 - a rank that is gone already knows
+            pass
+
+    sender = threading.Thread(target=send, name="notify", daemon=True)
     sender.start()
     sender.join(NOTIFY_TIMEOUT_S)
 
