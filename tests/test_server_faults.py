@@ -221,3 +221,34 @@ def test_an_engine_failure_answers_everything_503_and_exits_non_zero(demo_dir, t
         assert "> engine failed: InjectedFault" in output and "exiting with status 3" in output
     finally:
         proc.kill()
+
+
+def test_a_checkpoint_with_a_nan_weight_fails_each_request_not_the_server(test_tokenizer_path, tmp_path):
+    """Loaded anyway (--allow-non-finite-weights), a NaN weight makes every request fail with a 500 naming the
+    non-finite logits (greedy ones too: never text decoded from NaN), and the server stays up."""
+    import shutil
+    import sys
+
+    import torch
+
+    from tests.helpers import FIXTURE_DIR, fixture_model_args
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURE_DIR / "ckpt", ckpt)
+    path = ckpt / "1" / "mp_rank_00_model_states.pt"
+    sd = torch.load(path, weights_only=True)["module"]
+    sd["transformer.layers.1.mlp.dense_4h_to_h.weight"][0, 0] = float("nan")
+    torch.save({"module": sd}, path)
+    args = fixture_model_args(extra=("--tokenizer-path", test_tokenizer_path, "--allow-non-finite-weights"))
+    args[args.index("--load") + 1] = str(ckpt)
+    proc = ServerProcess([sys.executable, "server.py", *args], {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+                         tmp_path / "server.log")
+    try:
+        proc.wait_ready()
+        for body in (GREEDY, {**GREEDY, "temperature": 1.0, "seed": 1}, {**GREEDY, "num_beams": 2}):
+            got, answer = send(proc, body)
+            assert got == 500 and "non-finite" in answer["error"]["message"], (body, answer)
+            assert httpx.get(proc.url + "/health", timeout=10).status_code == 200
+        assert proc.stop() == 0
+    finally:
+        proc.kill()
+    assert "kept because of --allow-non-finite-weights" in proc.output()
