@@ -227,7 +227,8 @@ class Engine:
 
     def _check_token(self, seq: _Sequence, token: int, vocab: int) -> None:
         if self._allowed is None:
-            self._allowed = (~_invalid_mask(self.invalid, vocab, "cpu")).tolist()
+            invalid = _invalid_mask(self.invalid, vocab, "cpu")
+            self._allowed = [True] * vocab if invalid is None else (~invalid).tolist()
         if not 0 <= token < len(self._allowed) or not self._allowed[token]:
             raise SequenceFault(f"token choice gave id {token}, which generation never picks: the probabilities "
                                 f"were not finite (temperature {seq.spec.temperature:g})")
