@@ -134,12 +134,18 @@ def _number(body, name, default, low=None, high=None):
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _bad(f"{name} must be a finite number, got {json.dumps(value)}", name)
-    if low is not None and value < low or high is not None and value > high:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(f"{name} must be a number, got {json.dumps(value)}", name)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise _bad(f"{name} must be a finite number", name)
+    if low is not None and number < low or high is not None and number > high:
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise _bad(f"{name} must be {bounds}, got {value}", name)
-    return float(value)
+        raise _bad(f"{name} must be {bounds}, got {number:g}", name)
+    return number
 
 
 def _boolean(body, name, default=False):

@@ -31,6 +31,8 @@ POISON = [
     ("overflowing temperature", raw('{"prompt": "x", "temperature": 1e999}'), 400, None),
     ("-Infinity top_p", raw('{"prompt": "x", "top_p": -Infinity}'), 400, None),
     ("NaN presence_penalty", raw('{"prompt": "x", "presence_penalty": NaN}'), 400, None),
+    ("an integer temperature beyond the float range", raw('{"prompt": "x", "temperature": 1' + "0" * 400 + "}"),
+     400, "temperature"),
     ("huge length_penalty", {**GREEDY, "num_beams": 4, "length_penalty": 1e300}, 400, "length_penalty"),
     ("huge negative length_penalty", {**GREEDY, "num_beams": 4, "length_penalty": -1e300}, 400, "length_penalty"),
     ("huge no_repeat_ngram_size", {**GREEDY, "num_beams": 4, "no_repeat_ngram_size": 10 ** 30}, 400,
@@ -252,3 +254,16 @@ def test_a_checkpoint_with_a_nan_weight_fails_each_request_not_the_server(test_t
     finally:
         proc.kill()
     assert "kept because of --allow-non-finite-weights" in proc.output()
+
+
+def test_the_openai_client_sees_a_failed_sequence_as_an_api_error(server):
+    import openai
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=120, max_retries=0)
+    with pytest.raises(openai.InternalServerError, match="generation failed"):
+        client.completions.create(model="glm-130b", prompt="POISON-NAN once", max_tokens=8, temperature=0)
+    with pytest.raises(openai.APIError, match="generation failed") as e:
+        for _ in client.completions.create(model="glm-130b", prompt="POISON-RAISE once", max_tokens=8,
+                                           temperature=0, stream=True):
+            pass
+    assert e.value.body["type"] == "server_error"
+    assert client.completions.create(model="glm-130b", prompt="once", max_tokens=8, temperature=0).choices[0].text

@@ -82,3 +82,34 @@ def test_an_engine_failure_under_tp_ends_every_rank(test_tokenizer_path, tmp_pat
         server.kill()
     output = server.output()
     assert output.count("exiting with status 3: the engine failed") == 2, output[-3000:]
+
+
+def children(pid: int):
+    """Pids of the processes whose parent is `pid` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_a_lost_tp_rank_ends_the_server_instead_of_hanging_it(test_tokenizer_path, tmp_path):
+    """SIGKILL to rank 1: rank 0's next broadcast (an idle heartbeat at the latest) fails, the server stops
+    answering and every process exits, non-zero; nothing waits forever."""
+    server = start(2, test_tokenizer_path, tmp_path)
+    try:
+        server.wait_ready()
+        rank0 = server.serving_pid()
+        with open(f"/proc/{rank0}/stat") as f:
+            launcher = int(f.read().rsplit(")", 1)[1].split()[1])
+        (rank1,) = [pid for pid in children(launcher) if pid != rank0]
+        os.kill(rank1, signal.SIGKILL)
+        assert server.proc.wait(120) != 0
+    finally:
+        server.kill()
+    assert "> server rank 1 stopped" not in server.output()
