@@ -11,13 +11,13 @@ import os
 import sys
 import time
 import warnings
-from glob import glob
 from typing import List, Tuple, Type
 
 from evaluation import DEFAULT_CLASS, ModelForEvaluation, RunOptions, print_rank_0
 from evaluation.configs import BaseConfig, build_config, read_yaml, task_type_of
 from evaluation.metrics import resolve_metrics
 from evaluation.tasks import BaseTask, find_data_files
+from evaluation.utils import check_readable_folder, match_files
 from model import mpu
 from model.errors import UserError, main_entry
 
@@ -37,7 +37,7 @@ def find_all_tasks(entries: List[str]) -> List[str]:
     found = []
     for entry in entries:
         if os.path.isdir(entry):
-            yamls = sorted(os.path.relpath(p) for p in glob(os.path.join(entry, "**", "*.yaml"), recursive=True))
+            yamls = [os.path.relpath(os.path.join(entry, p)) for p in match_files(entry, "**/*.yaml")]
             if not yamls:
                 raise UserError(f"--task {entry}: no task YAML (*.yaml) in this folder or below it")
             found.extend(yamls)
@@ -112,8 +112,7 @@ def main(argv=None):
     _one_line_warnings()
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
-    if not os.path.isdir(args.data_path):
-        raise UserError(f"--data-path {args.data_path}: no such folder")
+    check_readable_folder(args.data_path, "--data-path")
     if not args.task:
         raise UserError("no task given: pass --task with task YAML files or folders (e.g. --task tasks/mmlu)")
     print_rank_0("> Loading task configs")

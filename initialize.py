@@ -55,6 +55,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     i = parser.add_argument_group("initialization")
     i.add_argument("--sequential-initialization", action="store_true",
                    help="load the model-parallel shards one rank at a time (lower peak host RAM)")
+    i.add_argument("--allow-non-finite-weights", action="store_true",
+                   help="load a checkpoint holding NaN/Inf weights anyway (by default it is refused, naming the keys)")
     i.add_argument("--random-init", action="store_true",
                    help="no checkpoint: random weights created directly on --device, already INT8/INT4 with "
                         "--quantization-bit-width (speed measurements at full size; the outputs are meaningless)")
@@ -150,7 +152,8 @@ def build_model(args) -> GLM130B:
     if args.load is None:
         raise UserError("no checkpoint given: pass --load <folder> (or source a configs/*.sh that sets it)")
     load_checkpoint(model, args.load, mpu.get_model_parallel_rank(), args.model_parallel_size, args.device,
-                    checkpoint_preparer(args.quantization_bit_width, args.from_quantized_checkpoint))
+                    checkpoint_preparer(args.quantization_bit_width, args.from_quantized_checkpoint),
+                    allow_non_finite=args.allow_non_finite_weights)
     return model.eval()
 
 

@@ -18,6 +18,7 @@ from generation.engine import Engine
 from initialize import initialize, initialize_model_and_tokenizer
 from model import mpu
 from model.errors import UserError, main_entry
+from server.protocol import DEFAULT_MAX_REQUEST_BYTES
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", default="glm-130b", help="the model name clients ask for")
     g.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
+    g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="larger request bodies get 413 before they are read (default 4 MiB)")
 
 
 def validate_server_args(args) -> None:
@@ -38,6 +41,7 @@ def validate_server_args(args) -> None:
               (args.max_slots >= 1, f"--max-slots must be >= 1, got {args.max_slots}"),
               (args.max_queue >= 1, f"--max-queue must be >= 1, got {args.max_queue}"),
               (args.max_n >= 1, f"--max-n must be >= 1, got {args.max_n}"),
+              (args.max_request_bytes >= 1024, f"--max-request-bytes must be >= 1024, got {args.max_request_bytes}"),
               (args.world_size == args.model_parallel_size,
                f"server.py serves one model replica: start --model-parallel-size ({args.model_parallel_size}) "
                f"processes, not {args.world_size}")]
@@ -53,11 +57,13 @@ def serve(args, engine, tokenizer) -> None:
     from server.app import build_app
     from server.metrics import Metrics
     from server.protocol import Limits
-    from server.scheduler import Scheduler
+    from server.scheduler import Scheduler, exit_engine_failed
 
     metrics = Metrics()
-    scheduler = Scheduler(engine, args.max_queue, metrics, distributed=mpu.get_model_parallel_world_size() > 1)
-    limits = Limits(args.served_model_name, args.max_sequence_length, args.max_n, args.max_queue)
+    scheduler = Scheduler(engine, args.max_queue, metrics, distributed=mpu.get_model_parallel_world_size() > 1,
+                          on_fatal=lambda: setattr(server, "should_exit", True))
+    limits = Limits(args.served_model_name, args.max_sequence_length, args.max_n, args.max_queue,
+                    args.max_request_bytes, tokenizer.max_token_chars)
     app = build_app(scheduler, tokenizer, limits, metrics)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)  # the engine cancels first
@@ -78,6 +84,8 @@ def serve(args, engine, tokenizer) -> None:
         server.run()
     finally:
         scheduler.stop()
+    if scheduler.failed is not None:  # the engine failed: exit non-zero so that a supervisor restarts the server
+        exit_engine_failed(mpu.get_rank())
     if not server.started:
         raise UserError(f"cannot serve on {args.host}:{args.port} (see the message above)")
 

@@ -21,7 +21,7 @@ import torch
 
 from evaluation.configs import (BaseConfig, GenerationTaskConfig, LanguageModelTaskConfig,
                                 MultiChoiceTaskConfig)
-from evaluation.utils import get_tokenized_input, read_json_items
+from evaluation.utils import check_whole_file_size, get_tokenized_input, open_data_file, read_json_items
 from model.errors import UserError
 from model.layout import (Layout, collate_layouts, generation_batch, generation_sample, language_model_window,
                           multiple_choice_sample)
@@ -193,10 +193,9 @@ class LanguageModelTaskDataset(EvaluationDataset):
 
     def load_documents(self) -> None:
         try:
-            with open(self.path, encoding="utf-8") as f:
+            with open_data_file(self.path) as f:
+                check_whole_file_size(f, self.path, "a plain-text document")
                 raw_text = f.read()
-        except OSError as e:
-            raise UserError(f"cannot read data file {self.path}: {e.strerror}") from None
         except UnicodeDecodeError as e:
             raise UserError(f"{self.path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         tokens = self.tokenizer.tokenize(raw_text)

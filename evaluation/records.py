@@ -3,7 +3,8 @@
 - predictions/<data file>.jsonl: one record per model input, in data order (what the metrics are computed from,
   so a resumed file gives exactly the numbers of a fresh run);
 - resume.json: per data file, the key its records were made with (task class, config, checkpoint identity,
-  --limit, the data file's size and mtime); a file is redone unless its key matches;
+  --limit, the data file's size and mtime); a file is redone unless its key matches and its records are complete
+  and consistent with the data (BaseTask.records_problem: count, indices, fields; else one warning line);
 - results.json: per file, per group and overall metrics.
 Every file is written atomically (a temporary file, then a rename): an interrupted run leaves no half-written file.
 """
@@ -11,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -73,13 +75,18 @@ class RecordStore:
             return {}
 
     def load(self, file: str, key: Optional[str]) -> Optional[List[dict]]:
-        """The saved records of `file` when they were made with the same key, else None."""
+        """The saved records of `file` when they were made with the same key, else None (a file that cannot be
+        read back gets one warning line). Whether they are complete is the task's check (records_problem)."""
         if key is None or self._read_state().get(file) != key:
             return None
+        path = self.predictions_path(file)
         try:
-            with open(self.predictions_path(file), encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 return [json.loads(line) for line in f if line.strip()]
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not valid JSON lines"
+            print(f"warning: {path}: cannot be read back ({reason}); recomputing {file}", file=sys.stderr,
+                  flush=True)
             return None
 
     def save(self, file: str, key: Optional[str], records: List[dict]) -> None:

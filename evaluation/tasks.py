@@ -7,10 +7,10 @@ order. Records are what is saved (`predictions/<file>.jsonl`) and what the metri
 file gives exactly the numbers of a fresh run.
 """
 import os
+import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from glob import glob
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
@@ -24,7 +24,8 @@ from evaluation.dataset import (EvaluationDataset, GenerationTaskDataset, Langua
 from evaluation.metrics import call_metric, decode_text, resolve_metrics
 from evaluation.records import RecordStore, config_dict, jsonable
 from evaluation.report import group_metrics, print_file_metrics, print_group_metrics
-from evaluation.utils import gather_records, is_rank_0, pack_by_length, print_rank_0, shard_batches
+from evaluation.utils import (check_readable_folder, gather_records, is_rank_0, match_files, pack_by_length,
+                              print_rank_0, shard_batches)
 from model import mpu
 from model.errors import UserError
 
@@ -41,15 +42,12 @@ class RunOptions:
 
 
 def find_data_files(config: BaseConfig) -> Dict[str, List[str]]:
-    """{group: sorted files relative to config.path} for the file pattern(s) (recursive globs)."""
-    if not os.path.isdir(config.path):
-        raise UserError(f"task {config.name}: data folder {config.path} does not exist "
-                        f"(--data-path joined with the config's path); see docs/evaluation-data.md")
+    """{group: sorted files relative to config.path} for the file pattern(s) (recursive globs; each real folder
+    entered once, so symlink loops are followed once)."""
+    check_readable_folder(config.path, f"task {config.name}: data folder",
+                          " (--data-path joined with the config's path); see docs/evaluation-data.md")
     patterns = {"all": config.file_pattern} if isinstance(config.file_pattern, str) else config.file_pattern
-    groups = {}
-    for name, pattern in patterns.items():
-        files = sorted(glob(os.path.join(config.path, pattern), recursive=True))
-        groups[name] = [os.path.relpath(f, config.path) for f in files if os.path.isfile(f)]
+    groups = {name: match_files(config.path, pattern) for name, pattern in patterns.items()}
     if not any(groups.values()):
         shown = ", ".join(f"{k}: {v}" for k, v in patterns.items())
         raise UserError(f"task {config.name}: no data file under {config.path} matches file_pattern ({shown}); "
@@ -125,8 +123,17 @@ class BaseTask(ABC):
         """(metric values, number of samples) on rank 0; None elsewhere."""
         key = self.resume_key(file) if is_rank_0() else None
         records = self.load_records(file, key) if is_rank_0() else None
+        dataset = None
+        if records is not None:  # resumed only if complete and consistent with the data as it is now
+            dataset = self.build_dataset(file)
+            problem = self.records_problem(records, dataset)
+            if problem is not None:
+                print(f"warning: {self.store.predictions_path(file)}: {problem}; recomputing {file}",
+                      file=sys.stderr, flush=True)
+                records = None
         resumed = mpu.broadcast_object(records is not None)
-        dataset = self.build_dataset(file) if (not resumed or is_rank_0()) else None
+        if dataset is None and (not resumed or is_rank_0()):
+            dataset = self.build_dataset(file)
         if not resumed:
             torch.manual_seed(self.options.seed)
             records = self.run_file(dataset, file)
@@ -181,6 +188,23 @@ class BaseTask(ABC):
 
     def load_records(self, file: str, key: Optional[str]) -> Optional[List[dict]]:
         return self.store.load(file, key)
+
+    def record_fields(self) -> Tuple[str, ...]:
+        """Fields every saved record needs besides "index" (those predictions_from_records reads)."""
+        return (self.prediction_key,)
+
+    def records_problem(self, records: List[Any], dataset: EvaluationDataset) -> Optional[str]:
+        """Why saved records cannot stand for this file (None: they can): one record per model input, in order,
+        each with the fields the metrics read."""
+        if len(records) != len(dataset):
+            return f"it holds {len(records)} record(s) for {len(dataset)} model input(s)"
+        for i, record in enumerate(records):
+            if not isinstance(record, dict) or record.get("index") != i:
+                return f"record {i + 1} is not the record of model input {i}"
+            missing = [f for f in self.record_fields() if f not in record]
+            if missing:
+                return f"record {i + 1} lacks field '{missing[0]}'"
+        return None
 
     def save_records(self, file: str, key: Optional[str], records: List[dict]) -> None:
         self.store.save(file, key, records)

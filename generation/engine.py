@@ -15,7 +15,15 @@ so greedy output is generate.py's. Beam search requests run `fill_blanks` whole,
 
 Every rank of a tensor-parallel group runs the same `Engine.apply(work)` calls in the same order; sampled ids are
 broadcast from the source rank inside the strategy, so all ranks hold the same state and the same events.
+
+Faults are contained per sequence: whatever one sequence's own work raises (encoding, prefill, its strategy, its
+text), non-finite logits in its row, or a token generation never allows end that sequence alone with an error
+event; its slot is freed and its cache row zeroed (masked columns still meet the values), the others go on. The
+checks read the gathered logits and broadcast ids, so every TP rank decides alike, and the ranks agree on the
+failed slots after each apply. What `apply` raises outside one sequence's work is an engine-level failure.
 """
+import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -23,7 +31,8 @@ import torch
 
 from generation.blank_filling import (_Output, _splice, encode_prompt, fill_blanks, generation_invalid_slices,
                                       generation_layout, round_budget)
-from generation.strategies import BaseStrategy, BeamSearchStrategy
+from generation.faults import FaultInjection, SequenceFault
+from generation.strategies import BaseStrategy, BeamSearchStrategy, _invalid_mask
 from model import KVCache, mpu
 from model.layout import collate_layouts, language_model_window
 
@@ -62,8 +71,9 @@ class Event:
     seq_id: int
     text: str = ""
     logprobs: List[TokenLogprob] = field(default_factory=list)
-    finish_reason: Optional[str] = None  # "stop", "length" or "cancelled"
+    finish_reason: Optional[str] = None  # "stop", "length", "cancelled" or "error"
     result: Optional[dict] = None  # text, blanks, prompt_tokens, completion_tokens
+    error: Optional[str] = None  # finish_reason "error": what went wrong, one line
 
 
 class _Rows(KVCache):
@@ -99,6 +109,16 @@ class _Sequence:
         self.finish_reason = "length"
 
 
+def _describe(error: Exception) -> str:
+    """One line for the client: a SequenceFault's message; for anything else its type, message and where it rose."""
+    if isinstance(error, SequenceFault):
+        return str(error)
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    message = (str(error).strip().splitlines() or [""])[0]
+    return f"internal error: {type(error).__name__}: {message}{where}"
+
+
 def _sampling_strategy(spec: SequenceSpec, end_tokens, invalid) -> BaseStrategy:
     generator = None if spec.seed is None else torch.Generator().manual_seed(spec.seed)
     greedy = spec.temperature == 0
@@ -121,6 +141,9 @@ class Engine:
         self.slots: List[Optional[_Sequence]] = [None] * slots
         self.device = next(model.parameters()).device
         self.decode_tokens = 0  # generated tokens, all sequences (metrics)
+        self._allowed: Optional[List[bool]] = None  # per vocabulary id: may generation pick it (built on first use)
+        self._failed_slots: set = set()  # slots whose sequence failed in this apply (ranks agree on them)
+        self.faults = FaultInjection.from_env()  # GLM_TEST_FAULTS: tests only (generation/faults.py)
 
     # --- what the scheduler may ask ----------------------------------------------------------------------------
     def free_slots(self) -> int:
@@ -135,41 +158,98 @@ class Engine:
 
     # --- one iteration -----------------------------------------------------------------------------------------
     def apply(self, work: dict) -> List[Event]:
-        """work: {"cancel": [seq ids], "beam": [specs], "admit": [spec] (at most one)}; the same on every rank."""
+        """work: {"cancel": [seq ids], "beam": [specs], "admit": [spec] (at most one)}; the same on every rank.
+        A sequence's own failure ends it with an error event; an exception from apply is an engine-level failure."""
         events: List[Event] = []
+        self._failed_slots = set()
         for seq_id in work.get("cancel", ()):
             events += self._cancel(seq_id)
         for spec in work.get("beam", ()):
-            events.append(self.run_beam(spec))
+            self._isolated(events, spec.seq_id, None, lambda s: events.append(self.run_beam(s)), spec)
         with torch.inference_mode():
             prefilled = self._prefill_waiting(events)
             if work.get("admit") and not prefilled:  # the scheduler sends one only when can_admit()
-                events += self._admit(work["admit"][0])
+                spec = work["admit"][0]
+                if self.faults is not None:
+                    self.faults.on_admit(spec)
+                self._isolated(events, spec.seq_id, self.slots.index(None), self._admit, spec, events)
             if self._feeding():
                 events += self._step()
+        self._agree_on_failures(events)
         return events
 
     def cancel_all(self) -> List[Event]:
         return [e for s in list(self.slots) if s is not None for e in self._cancel(s.spec.seq_id)]
 
+    # --- fault containment ------------------------------------------------------------------------------------
+    def _isolated(self, events: List[Event], seq_id: int, slot: Optional[int], work, *args) -> None:
+        """work(*args) is one sequence's own work: whatever it raises ends that sequence alone (an error event, its
+        slot and cache row freed)."""
+        try:
+            work(*args)
+        except Exception as e:  # noqa: BLE001 - any fault of one sequence is contained to it
+            events.append(self._fail(seq_id, e, slot))
+
+    def _fail(self, seq_id: int, error: Exception, slot: Optional[int] = None) -> Event:
+        for i, s in enumerate(self.slots):
+            if s is not None and s.spec.seq_id == seq_id:
+                slot = i
+                self.slots[i] = None
+        if slot is not None:
+            self._failed_slots.add(slot)
+            self._clear_row(slot)
+        if self.live() == 0:
+            self.cache.length = 0
+        return Event(seq_id, finish_reason="error", error=_describe(error))
+
+    def _clear_row(self, slot: int) -> None:
+        """Zero a failed sequence's cache row: its next occupant's masked columns still meet these values."""
+        for t in self.cache.k + self.cache.v:
+            t[slot].zero_()
+
+    def _agree_on_failures(self, events: List[Event]) -> None:
+        """Under tensor parallelism a sequence that failed on any rank fails on every rank (one small all-reduce)."""
+        if mpu.get_model_parallel_world_size() == 1:
+            return
+        flags = torch.zeros(len(self.slots), dtype=torch.int32, device=self.device)
+        for slot in self._failed_slots:
+            flags[slot] = 1
+        mpu.all_reduce_model_parallel(flags, torch.distributed.ReduceOp.MAX)
+        for slot in flags.nonzero().view(-1).tolist():
+            seq = self.slots[slot]
+            if slot not in self._failed_slots and seq is not None:
+                events.append(self._fail(seq.spec.seq_id, SequenceFault("the sequence failed on another "
+                                                                        "tensor-parallel rank"), slot))
+
+    def _check_logits(self, logits: torch.Tensor) -> List[bool]:
+        """Per row of logits [n, V]: all finite (NaN or +Inf propagate into the row's max; -Inf is probability 0)."""
+        return torch.isfinite(logits.amax(dim=-1)).tolist()
+
+    def _check_token(self, seq: _Sequence, token: int, vocab: int) -> None:
+        if self._allowed is None:
+            invalid = _invalid_mask(self.invalid, vocab, "cpu")
+            self._allowed = [True] * vocab if invalid is None else (~invalid).tolist()
+        if not 0 <= token < len(self._allowed) or not self._allowed[token]:
+            raise SequenceFault(f"token choice gave id {token}, which generation never picks: the probabilities "
+                                f"were not finite (temperature {seq.spec.temperature:g})")
+
     # --- admission and prefill ---------------------------------------------------------------------------------
-    def _admit(self, spec: SequenceSpec) -> List[Event]:
+    def _admit(self, spec: SequenceSpec, events: List[Event]) -> None:
         slot = self.slots.index(None)
         seq = _Sequence(spec, self.tokenizer, self.end_tokens, self.invalid, slot)
-        events = []
         if spec.echo:
             events.append(self._echo(seq))
         if spec.max_tokens == 0:
-            return events + [self._finish(seq, "length", free=False)]
+            events.append(self._finish(seq, "length", free=False))
+            return
         self.slots[slot] = seq
         self._prefill(seq, events)
-        return events
 
     def _prefill_waiting(self, events: List[Event]) -> bool:
         """Re-enter the first sequence waiting for its next blank's prefill; whether one was run."""
-        for seq in self.slots:
+        for slot, seq in enumerate(self.slots):
             if seq is not None and seq.needs_prefill:
-                self._prefill(seq, events)
+                self._isolated(events, seq.spec.seq_id, slot, self._prefill, seq, events)
                 return True
         return False
 
@@ -193,7 +273,7 @@ class Engine:
                                                logits_index=torch.tensor([c - 1], device=self.device))
         seq.round = _Round(c, positions[0], mask[0, 0], budget, mask_position, start=self._place(seq, small, c))
         seq.strategy.prepare(1)
-        self._take(seq, logits[0, 0], events)
+        self._take(seq, logits[0, 0], events, self._check_logits(logits[0])[0])
 
     def _place(self, seq: _Sequence, small: KVCache, c: int) -> int:
         """Copy the prefilled keys/values into the sequence's row, ending at the shared column; returns the start."""
@@ -250,17 +330,25 @@ class Engine:
         logits = self.model.forward_with_cache(tokens.to(self.device), positions.to(self.device),
                                                mask.to(self.device), rows)
         self.cache.length = rows.length
+        if self.faults is not None:
+            self.faults.on_step(feeding, logits[:, 0], self.cache)
+        finite = self._check_logits(logits[:, 0])
         events: List[Event] = []
         for s in feeding:
-            self._take(s, logits[s.slot, 0], events)
+            self._isolated(events, s.spec.seq_id, s.slot, self._take, s, logits[s.slot, 0], events, finite[s.slot])
         return events
 
-    def _take(self, seq: _Sequence, logits: torch.Tensor, events: List[Event]) -> None:
+    def _take(self, seq: _Sequence, logits: torch.Tensor, events: List[Event], finite: bool) -> None:
         """Sample the next token of the sequence's blank from its logits [V]; end the round when it is done."""
+        if self.faults is not None:
+            self.faults.on_take(seq)
+        if not finite:
+            raise SequenceFault("the model produced non-finite logits (NaN or Inf) for this sequence")
         r = seq.round
         tokens, _ = seq.strategy.forward(logits.view(1, -1), torch.empty((1, 0), dtype=torch.long,
                                                                           device=logits.device))
         token = int(tokens[0, -1])
+        self._check_token(seq, token, logits.shape[-1])
         r.tokens.append(token)
         seq.completion_tokens += 1
         self.decode_tokens += 1

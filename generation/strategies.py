@@ -26,6 +26,8 @@ Differences from the original, all deliberate:
 - The loop can tell the strategies the real (unpadded) context length of each row (`prepare`), so right-padded
   batches rank beams exactly as unbatched prompts; finished rows can be stopped per row (`mark_done`).
 - `beam_index` exposes, after each step, the source beam of every kept beam so a KV cache can be reordered.
+- Beam search raises FloatingPointError when its candidate scores are NaN (NaN logits), instead of ranking
+  arbitrary ids (the server turns that into an error for that request alone).
 """
 from typing import List, Optional, Sequence
 
@@ -317,7 +319,10 @@ class BeamSearchStrategy:
             gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
             cand = torch.topk(valid + gumbel, k, dim=-1).indices
         cand_scores, order = torch.sort(valid.gather(1, cand), dim=1, descending=True)
-        return _broadcast(cand.gather(1, order)), _broadcast(cand_scores)
+        cand, cand_scores = _broadcast(cand.gather(1, order)), _broadcast(cand_scores)
+        if bool(torch.isnan(cand_scores).any()):  # NaN logits: the candidates would be arbitrary ids
+            raise FloatingPointError("beam search met non-finite logits (NaN)")
+        return cand, cand_scores
 
     def _scores(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Cumulative log-prob of every (beam, next id): [B, nb * V]."""

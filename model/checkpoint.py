@@ -1,14 +1,23 @@
-"""SAT checkpoint folders: `<dir>/latest`, `<dir>/<iteration>/mp_rank_XX_model_states.pt`, weights under 'module'."""
+"""SAT checkpoint folders: `<dir>/latest`, `<dir>/<iteration>/mp_rank_XX_model_states.pt`, weights under 'module'.
+
+Loading refuses what would make the model silently wrong: shards that are the same file (a symlink or hard link)
+or copies of each other (equal CRC-32s of every tensor record in their zip directories), and non-finite weights
+(NaN/Inf; named with their counts, an error unless --allow-non-finite-weights). The finiteness check reads each
+tensor chunk by chunk in the pass that already converts it (or, when the checkpoint's tensors are used as they are,
+memory-mapped, the pass that first pages them in): a min/max reduction per cache-sized chunk.
+"""
 import os
 import re
 import warnings
-from typing import Callable, Dict, List, Optional
+import zipfile
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from model.errors import UserError
 
 SHARD_PATTERN = re.compile(r"^mp_rank_(\d{2,})_model_states\.pt$")
+CHECK_CHUNK = 1 << 20  # elements per chunk of the finiteness check (a few MB: still in cache after its copy)
 
 
 def read_latest(load_dir: str) -> str:
@@ -42,7 +51,40 @@ def list_shards(load_dir: str) -> List[str]:
     if ranks != list(range(len(ranks))):
         missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
         raise UserError(f"{folder} is incomplete: shard(s) {', '.join(f'mp_rank_{r:02d}' for r in missing)} missing")
-    return [shard_path(load_dir, iteration, r) for r in ranks]
+    paths = [shard_path(load_dir, iteration, r) for r in ranks]
+    check_distinct_shards(paths)
+    return paths
+
+
+def check_distinct_shards(paths: List[str]) -> None:
+    """Every shard is a file of its own with its own tensors: not a symlink or hard link to another shard, not a
+    copy of one (the CRC-32 and size of every tensor record in the zip directory, read without the data)."""
+    files, copies = {}, {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise UserError(f"checkpoint shard {path} cannot be read ({e.strerror})") from None
+        same = files.setdefault((st.st_dev, st.st_ino), path)
+        if same != path:
+            raise UserError(f"{path} and {same} are the same file (a symlink or hard link): every tensor-parallel "
+                            f"rank needs its own shard; re-create the checkpoint folder from the original shards")
+        fingerprint = _records_fingerprint(path)
+        copy = copies.setdefault(fingerprint, path) if fingerprint else path
+        if copy != path:
+            raise UserError(f"{path} holds the same tensors as {copy} (a copy, not its own shard): every "
+                            f"tensor-parallel rank needs its own shard; re-create the checkpoint folder from the "
+                            f"original shards")
+
+
+def _records_fingerprint(path: str) -> Optional[Tuple]:
+    """(record, CRC-32, size) of the tensor records of a zip-format torch file; None for another format."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return tuple(sorted((i.filename.split("/", 1)[-1], i.CRC, i.file_size) for i in z.infolist()
+                                if "/data/" in i.filename))
+    except (OSError, zipfile.BadZipFile):
+        return None
 
 
 def load_shard_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -69,6 +111,52 @@ def warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=2)
 
 
+def _chunk_non_finite(chunk: torch.Tensor) -> int:
+    """Non-finite values in a 1-D chunk: one min/max pass; the exact count only when that finds one."""
+    low, high = torch.aminmax(chunk)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return 0
+    return int((~torch.isfinite(chunk)).sum())
+
+
+def count_non_finite(t: torch.Tensor) -> int:
+    """NaN and Inf values in a tensor (0 for integer tensors), read a cache-sized chunk at a time."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    if t.device.type != "cpu":
+        return _chunk_non_finite(t.reshape(-1))
+    flat = t.reshape(-1)
+    return sum(_chunk_non_finite(flat[s:s + CHECK_CHUNK]) for s in range(0, flat.numel(), CHECK_CHUNK))
+
+
+def convert_and_count(t: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, int]:
+    """`t` as `dtype` on the CPU (itself when it already is: no copy) and its count of non-finite values, checked
+    chunk by chunk right after each chunk is written (one pass over memory)."""
+    if t.dtype == dtype or not t.is_floating_point():
+        return (t if t.dtype == dtype else t.to(dtype)), count_non_finite(t)
+    out = torch.empty(t.shape, dtype=dtype)
+    src, dst, bad = t.reshape(-1), out.view(-1), 0
+    for s in range(0, src.numel(), CHECK_CHUNK):
+        part = dst[s:s + CHECK_CHUNK]
+        part.copy_(src[s:s + CHECK_CHUNK])
+        bad += _chunk_non_finite(part)
+    return out, bad
+
+
+def report_non_finite(counts: Dict[str, int], where: str, allow: bool, warn: Callable[[str], None] = warn_once,
+                      flag: str = "--allow-non-finite-weights") -> None:
+    """One line naming the keys that hold NaN/Inf values and how many: an error, or with `allow` a warning."""
+    bad = {k: n for k, n in counts.items() if n}
+    if not bad:
+        return
+    shown = ", ".join(f"{k} ({n}{' rows' if k.endswith('_scale') else ''})" for k, n in list(bad.items())[:4]) + (
+        f" and {len(bad) - 4} more key(s)" if len(bad) > 4 else "")  # a quantized row with NaN/Inf has a NaN scale
+    message = f"{where}: non-finite weights (NaN/Inf) in {shown}"
+    if not allow:
+        raise UserError(f"{message}; the checkpoint is damaged: restore or re-convert it ({flag} loads it anyway)")
+    warn(f"{message}; kept because of {flag}: what meets them computes NaN (the server fails those requests)")
+
+
 def _describe_shape(t) -> str:
     return "[" + ", ".join(str(d) for d in t.shape) + "]"
 
@@ -92,13 +180,16 @@ def check_state_dict(expected: Dict[str, torch.Tensor], found: Dict[str, torch.T
 
 
 def load_checkpoint(model: torch.nn.Module, load_dir: str, model_parallel_rank: int, model_parallel_size: int,
-                    device="cpu", prepare_shard: Optional[Callable[[Dict[str, torch.Tensor], str], Dict]] = None) -> str:
+                    device="cpu", prepare_shard: Optional[Callable[[Dict[str, torch.Tensor], str], Dict]] = None,
+                    allow_non_finite: bool = False) -> str:
     """Load this rank's shard into `model` (which may live on the meta device). Returns the shard path.
 
     Tensors are memory-mapped and assigned without a copy when dtype and device already match, so peak host RAM
     stays near one shard. prepare_shard(state_dict, path) sees the shard's raw tensors first and returns what is
     loaded: quantization.checkpoint_preparer checks a quantized shard against the flags and quantizes a 16-bit one
     from the checkpoint's own fp16 values before any dtype cast (the model must then be quantized already).
+    Non-finite values in what is loaded (a quantized row with NaN/Inf has a NaN scale) are a UserError naming the
+    keys, unless allow_non_finite.
     """
     shards = list_shards(load_dir)
     if len(shards) != model_parallel_size:
@@ -112,15 +203,18 @@ def load_checkpoint(model: torch.nn.Module, load_dir: str, model_parallel_rank: 
         found = prepare_shard(found, path)
     expected = model.state_dict()
     check_state_dict(expected, found, path)
-    loaded = {}
+    loaded, non_finite = {}, {}
     for key, want in expected.items():
         t = found[key]
-        if t.dtype != want.dtype and want.dtype.is_floating_point == t.dtype.is_floating_point:
-            t = t.to(want.dtype)
-        elif t.dtype != want.dtype:
+        if t.dtype != want.dtype and want.dtype.is_floating_point != t.dtype.is_floating_point:
             raise UserError(f"{path}: {key} is {t.dtype} but the model expects {want.dtype} "
                             f"(a quantized checkpoint needs --quantization-bit-width and --from-quantized-checkpoint)")
-        loaded[key] = t.to(device)
+        if torch.device(device).type == "cpu":
+            loaded[key], non_finite[key] = convert_and_count(t, want.dtype)
+        else:  # converted as before, checked where it now lives
+            loaded[key] = t.to(want.dtype).to(device)
+            non_finite[key] = count_non_finite(loaded[key])
+    report_non_finite(non_finite, path, allow_non_finite)
     model.load_state_dict(loaded, strict=True, assign=True)
     for module in model.modules():
         if hasattr(module, "after_load"):

@@ -46,6 +46,7 @@ class IceTokenizer:
         self.model_path = model_path
         self._sp = _load_sentencepiece(model_path)
         self.piece_count = self._sp.get_piece_size()
+        self._max_token_chars = None
         if self.piece_count != TEXT_PIECE_COUNT:
             warnings.warn(f"{model_path} has {self.piece_count} pieces, not icetk's {TEXT_PIECE_COUNT}: "
                           f"text ids {NUM_IMAGE_TOKENS + self.piece_count}..{NUM_TOKENS - 1} are unused "
@@ -57,6 +58,14 @@ class IceTokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+    @property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary piece: a text of more than n times this many characters has more
+        than n tokens (unless normalization drops characters, i.e. collapses whitespace runs)."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(len(self._sp.id_to_piece(i)) for i in range(self.piece_count))
+        return self._max_token_chars
 
     @property
     def end_tokens(self) -> List[int]:

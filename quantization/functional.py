@@ -34,7 +34,9 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torc
     A row of zeros gets scale 0 and q = 0 (the original divides 0 by 0 there). q saturates at the storage range
     ([-128, 127], INT4 [-8, 7]): values beyond it only arise when the fp16 scale is subnormal (row max below
     127·2^-14 ≈ 0.0078 for INT8, 7·2^-14 ≈ 0.00043 for INT4), where the original's float->int8 cast is undefined
-    in C++ (PyTorch on CPU wraps around) and its INT4 nibbles wrap.
+    in C++ (PyTorch on CPU wraps around) and its INT4 nibbles wrap. A row holding NaN or Inf (in fp16) gets q = 0
+    and scale NaN: it dequantizes to NaN, as the 16-bit row computes NaN, never to a plausible all-zero row (the
+    loader and convert_tp.py refuse such weights unless told to keep them).
     """
     _check_bits(bits)
     if weight.dim() != 2 or (bits == 4 and weight.shape[1] % 2):
@@ -48,6 +50,10 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torc
     for r in range(0, w16.shape[0], step):
         ratio = (w16[r:r + step].float() / divisor[r:r + step]).to(torch.float16)  # fp16 quotient, as the original
         q[r:r + step] = torch.round(ratio.float()).clamp_(*STORAGE_RANGE[bits]).to(torch.int8)  # half to even
+    non_finite = ~torch.isfinite(scale)
+    if bool(non_finite.any()):
+        q[non_finite] = 0
+        scale[non_finite] = float("nan")
     return (pack_int4(q) if bits == 4 else q), scale
 
 

@@ -2,27 +2,61 @@
 
 Requests are checked (server/protocol.py), queued on the scheduler, and answered from the events the engine
 thread sends back; a streaming client that goes away has its sequences cancelled, which frees their slots.
+The body is read up to --max-request-bytes and checked off the event loop (a worker thread), so a large request
+never stalls /health or the streams. Every error answer is an OpenAI-shaped JSON body and one console line
+(status, route, field, message); a sequence the engine failed ends its request with 500 (a stream: an error event,
+then [DONE]); once the engine itself has failed, everything is answered 503 until the process exits.
 """
 import asyncio
 import itertools
+import json
 import threading
-from typing import Dict, List
+import traceback
+from typing import Dict, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from generation.engine import Event
-from server.protocol import (ApiError, CompletionRequest, Limits, chunk, completion_id, logprobs_body, now,
-                             parse_completion, usage_body)
+from server.protocol import (ApiError, CompletionRequest, Limits, body_too_large, chunk, completion_id,
+                             logprobs_body, now, parse_completion, usage_body)
 from server.scheduler import QueueFull
 
 DISCONNECT_POLL_S = 1.0
+COMPLETIONS = "POST /v1/completions"
 
 
-def error_response(error: ApiError) -> JSONResponse:
+def log_error(route: str, error: ApiError) -> None:
+    """One console line per request answered with an error: status, route, the field at fault, the message."""
+    print(f"> {error.status} {route} ({error.param or '-'}): {error.message}", flush=True)
+
+
+def error_response(error: ApiError, route: str) -> JSONResponse:
+    log_error(route, error)
     return JSONResponse(error.body(), status_code=error.status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 past `limit` bytes: from Content-Length before reading, else while reading."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise body_too_large(limit, int(declared))
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise body_too_large(limit)
+    return bytes(body)
+
+
+def generation_error(flight: "_Request", scheduler) -> ApiError:
+    """The answer of a request one of whose sequences failed (500), or whose engine failed (503)."""
+    if not scheduler.alive():
+        return ApiError(503, f"the engine failed: {flight.error()}", None, "server_error")
+    return ApiError(500, f"generation failed: {flight.error()}", None, "server_error")
 
 
 class _Choice:
@@ -35,12 +69,13 @@ class _Choice:
         self.logprobs = []
         self.finish_reason = None
         self.result = None
+        self.error: Optional[str] = None
 
     def add(self, event: Event) -> None:
         self.text += event.text
         self.logprobs += event.logprobs
         if event.finish_reason is not None:
-            self.finish_reason, self.result = event.finish_reason, event.result
+            self.finish_reason, self.result, self.error = event.finish_reason, event.result, event.error
 
     def body(self, want_logprobs: bool) -> dict:
         out = {"index": self.index, "text": self.text, "finish_reason": self.finish_reason,
@@ -73,6 +108,10 @@ class _Request:
     def failed(self) -> bool:
         return any(c.finish_reason in ("error", "cancelled") for c in self.choices)
 
+    def error(self) -> Optional[str]:
+        """The first failed sequence's error message (None: no sequence failed)."""
+        return next((c.error or "unknown error" for c in self.choices if c.finish_reason == "error"), None)
+
     def usage(self) -> Dict[str, int]:
         n = self.req.n
         prompt = sum(c.result["prompt_tokens"] for c in self.choices[::n] if c.result)
@@ -88,19 +127,23 @@ def build_app(scheduler, tokenizer, limits: Limits, metrics) -> FastAPI:
         with lock:
             return next(counter)
 
+    def route(request: Request) -> str:
+        return f"{request.method} {request.url.path}"
+
     @app.exception_handler(HTTPException)
-    async def http_error(_request, exc: HTTPException):
+    async def http_error(request, exc: HTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(ApiError(exc.status_code, str(exc.detail), None, kind))
+        return error_response(ApiError(exc.status_code, str(exc.detail), None, kind), route(request))
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_request, exc):
-        return error_response(ApiError(400, "invalid request"))
+    async def validation_error(request, exc):
+        return error_response(ApiError(400, "invalid request"), route(request))
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
         if not scheduler.alive():
-            return error_response(ApiError(503, "the engine has stopped", None, "server_error"))
+            return error_response(ApiError(503, "the engine has failed; the server is exiting", None,
+                                            "server_error"), route(request))
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -115,25 +158,32 @@ def build_app(scheduler, tokenizer, limits: Limits, metrics) -> FastAPI:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
-    async def chat():
+    async def chat(request: Request):
         metrics.request("bad_request")
         return error_response(ApiError(400, "chat completions are not supported: GLM-130B is not a chat model; use "
-                                            "/v1/completions (with [MASK] or [gMASK] for blank filling)"))
+                                            "/v1/completions (with [MASK] or [gMASK] for blank filling)"),
+                              route(request))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         try:
-            req = parse_completion(await request.body(), tokenizer, limits, next_id)
+            raw = await read_body(request, limits.max_request_bytes)
+            req = await run_in_threadpool(parse_completion, raw, tokenizer, limits, next_id)
         except ApiError as e:
             metrics.request("bad_request")
-            return error_response(e)
+            return error_response(e, COMPLETIONS)
+        except Exception as e:  # noqa: BLE001 - a bug in the checks: answered as JSON, logged with its traceback
+            traceback.print_exc()
+            metrics.request("failed")
+            return error_response(ApiError(500, f"internal error while reading the request: {type(e).__name__}",
+                                           None, "server_error"), COMPLETIONS)
         flight = _Request(req, asyncio.get_running_loop())
         try:
             scheduler.submit(req.specs, flight.sink)
         except QueueFull as e:
             metrics.request("rejected")
             kind = "rate_limit_error" if e.status == 429 else "server_error"
-            return error_response(ApiError(e.status, str(e), None, kind))
+            return error_response(ApiError(e.status, str(e), None, kind), COMPLETIONS)
         if req.stream:
             return StreamingResponse(_stream(flight, scheduler, limits, metrics), media_type="text/event-stream")
         return await _collect(flight, request, scheduler, limits, metrics)
@@ -153,15 +203,22 @@ def _finish(flight: _Request, metrics) -> None:
 async def _collect(flight: _Request, request: Request, scheduler, limits: Limits, metrics):
     while flight.open:
         try:
-            flight.take(await asyncio.wait_for(flight.events.get(), DISCONNECT_POLL_S))
+            choice = flight.take(await asyncio.wait_for(flight.events.get(), DISCONNECT_POLL_S))
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 scheduler.cancel(list(flight.open))
                 metrics.request("cancelled")
-                return error_response(ApiError(499, "the client went away"))
+                return error_response(ApiError(499, "the client went away"), COMPLETIONS)
+            continue
+        if choice.finish_reason == "error":  # the request cannot succeed: free the other choices' slots now
+            scheduler.cancel(list(flight.open))
+            flight.open.clear()
     _finish(flight, metrics)
+    if flight.error() is not None:
+        return error_response(generation_error(flight, scheduler), COMPLETIONS)
     if flight.failed():
-        return error_response(ApiError(503, "the server stopped before the request finished", None, "server_error"))
+        return error_response(ApiError(503, "the server stopped before the request finished", None, "server_error"),
+                              COMPLETIONS)
     choices = [c.body(flight.req.logprobs is not None) for c in flight.choices]
     return {"id": flight.id, "object": "text_completion", "created": flight.created, "model": limits.model_name,
             "choices": choices, "usage": flight.usage()}
@@ -187,6 +244,16 @@ async def _stream(flight: _Request, scheduler, limits: Limits, metrics):
         while flight.open:
             event = await flight.events.get()
             choice = flight.take(event)
+            if event.finish_reason == "error":  # an error event, then [DONE]; the other choices' slots freed
+                scheduler.cancel(list(flight.open))
+                flight.open.clear()
+                _finish(flight, metrics)
+                error = generation_error(flight, scheduler)
+                log_error(COMPLETIONS, error)
+                yield f"data: {json.dumps(error.body())}\n\n"
+                yield "data: [DONE]\n\n"
+                finished = True
+                return
             yield chunk(flight.id, flight.created, limits.model_name, [_delta(flight, choice, event, offsets)])
         _finish(flight, metrics)
         if flight.req.include_usage:

@@ -1,9 +1,17 @@
 """The OpenAI completions protocol: request checks (one clear 4xx message each) and response bodies.
 
 A request becomes one `SequenceSpec` per (prompt, choice); every limit that the engine relies on is checked here,
-before anything is queued, so a bad request never reaches the model.
+before anything is queued, so a bad request never reaches the model: the body's size (before it is read whole), JSON
+without NaN/Infinity or out-of-range numbers, every integer within what the engine holds, prompts and stop strings
+that can be encoded, and a prompt's length in characters before it is tokenized (a token is at most
+`max_token_chars` characters, so a longer prompt cannot fit the sequence length).
+
+Decided meanings (README "Serving"): a temperature below TEMPERATURE_FLOOR, or top_p 0, means greedy (the limit of
+sampling as they go to 0; dividing logits by a smaller temperature would overflow them); a seed is any 64-bit
+integer, signed or not (choice k of n uses seed + k modulo 2^64, torch's own reading of a negative seed).
 """
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,6 +24,11 @@ from model.errors import UserError
 MAX_STOP = 4
 MAX_LOGPROBS = 20
 MAX_BEAMS = 8
+MAX_TOP_K = 2 ** 31 - 1  # above the vocabulary size it keeps every id
+MAX_LENGTH_PENALTY = 10.0  # |length_penalty|: ((5 + length) / 6) ** 10 stays far from overflow at any length
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+TEMPERATURE_FLOOR = 1e-5  # below it (0 included) a request is greedy
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 OPENAI_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "n", "seed", "stream",
                  "stream_options", "logprobs", "echo", "user", "best_of", "presence_penalty", "frequency_penalty",
                  "logit_bias", "suffix"}
@@ -39,6 +52,8 @@ class Limits:
     max_sequence_length: int
     max_n: int
     max_queue: int
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_token_chars: int = 0  # the tokenizer's longest vocabulary piece, in characters (0: prompts not pre-checked)
 
 
 @dataclass
@@ -56,18 +71,50 @@ def _bad(message: str, param: Optional[str] = None) -> ApiError:
     return ApiError(400, message, param)
 
 
+def body_too_large(limit: int, declared: Optional[int] = None) -> ApiError:
+    """413: a body whose Content-Length is `declared` bytes, or (None) one that grew past `limit` while read."""
+    size = f"{declared} bytes" if declared is not None else f"larger than {limit} bytes"
+    return ApiError(413, f"the request body is {size}; this server takes at most {limit} (--max-request-bytes)")
+
+
+def _no_constant(name: str):
+    raise _bad(f"the request body holds {name}, which is not a JSON number; send a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _bad(f"the number {text} is out of range; send a finite number")
+    return value
+
+
 def parse_json(raw: bytes) -> Dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _bad(f"the request body is not valid UTF-8 (byte {e.start})") from None
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise _bad(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise _bad("the request body is nested too deeply") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise _bad(f"the request body holds a value that cannot be read ({str(e).split(':')[0]})") from None
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
     return body
+
+
+def check_text(text: str, name: str) -> None:
+    """A prompt or stop string the tokenizer can encode: valid Unicode (no lone surrogates), no NUL characters."""
+    if "\x00" in text:
+        raise _bad(f"{name} holds a NUL character (\\u0000) at character {text.index(chr(0))}", name)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _bad(f"{name} holds a lone surrogate ({text[e.start]!r}) at character {e.start}: it is not valid "
+                   f"Unicode", name) from None
 
 
 def _integer(body, name, default, low=None, high=None):
@@ -78,7 +125,8 @@ def _integer(body, name, default, low=None, high=None):
         raise _bad(f"{name} must be an integer, got {json.dumps(value)}", name)
     if low is not None and value < low or high is not None and value > high:
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise _bad(f"{name} must be {bounds}, got {value}", name)
+        shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:20]}... ({len(str(value))} digits)"
+        raise _bad(f"{name} must be {bounds}, got {shown}", name)
     return value
 
 
@@ -88,10 +136,16 @@ def _number(body, name, default, low=None, high=None):
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(f"{name} must be a number, got {json.dumps(value)}", name)
-    if low is not None and value < low or high is not None and value > high:
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise _bad(f"{name} must be a finite number", name)
+    if low is not None and number < low or high is not None and number > high:
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise _bad(f"{name} must be {bounds}, got {value}", name)
-    return float(value)
+        raise _bad(f"{name} must be {bounds}, got {number:g}", name)
+    return number
 
 
 def _boolean(body, name, default=False):
@@ -113,6 +167,8 @@ def _prompts(body) -> List[str]:
                    "prompt")
     if any(not p.strip() for p in prompts):
         raise _bad("prompt is empty", "prompt")
+    for p in prompts:
+        check_text(p, "prompt")
     return prompts
 
 
@@ -125,6 +181,8 @@ def _stop(body) -> tuple:
         raise _bad("stop must be a non-empty string or a list of non-empty strings", "stop")
     if len(stops) > MAX_STOP:
         raise _bad(f"stop takes at most {MAX_STOP} strings, got {len(stops)}", "stop")
+    for s in stops:
+        check_text(s, "stop")
     return tuple(stops)
 
 
@@ -161,7 +219,11 @@ def _check_prompt(text: str, tokenizer, max_tokens: int, echo: bool, limits: Lim
                    f"leaves the others as literal tokens); use one kind", "prompt")
     if echo and kinds:
         raise _bad("echo scores a plain text: it cannot be combined with a prompt holding a mask", "echo")
-    prompt = encode_prompt(text, tokenizer)
+    _check_prompt_chars(text, limits)
+    try:
+        prompt = encode_prompt(text, tokenizer)
+    except Exception as e:  # noqa: BLE001 - whatever the tokenizer cannot encode is the prompt's fault
+        raise _bad(f"the prompt cannot be tokenized ({type(e).__name__})", "prompt") from None
     try:
         check_prompt(prompt, 1 << 30, max(1, max_tokens), limits.max_sequence_length)
     except UserError as e:
@@ -175,6 +237,25 @@ def _check_prompt(text: str, tokenizer, max_tokens: int, echo: bool, limits: Lim
         raise _bad("the prompt is too long to score", "prompt")
 
 
+def _check_prompt_chars(text: str, limits: Limits) -> None:
+    """Before tokenizing: a prompt of more characters than the sequence length times the longest vocabulary piece
+    has more tokens than the sequence length (whitespace runs count too: only collapsing them could make it fit)."""
+    most = limits.max_sequence_length * limits.max_token_chars
+    if limits.max_token_chars and len(text) > most:
+        raise _bad(f"the prompt is {len(text)} characters; at most {most} can fit the model's sequence length "
+                   f"({limits.max_sequence_length} tokens)", "prompt")
+
+
+def _sampling(body) -> tuple:
+    """(temperature, top_k, top_p) as the engine takes them: temperature 0 = greedy, top_p 0.0 = no nucleus."""
+    temperature = _number(body, "temperature", 1.0, 0.0, 100.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    top_k = _integer(body, "top_k", 0, 0, MAX_TOP_K)
+    if temperature < TEMPERATURE_FLOOR or top_p == 0.0:
+        return 0.0, top_k, 0.0
+    return temperature, top_k, 0.0 if top_p >= 1.0 else top_p
+
+
 def parse_completion(raw: bytes, tokenizer, limits: Limits, next_id) -> CompletionRequest:
     """The checked request, with one SequenceSpec per (prompt, choice); ApiError when anything is wrong."""
     body = parse_json(raw)
@@ -185,15 +266,13 @@ def parse_completion(raw: bytes, tokenizer, limits: Limits, next_id) -> Completi
     stream = _boolean(body, "stream")
     low = 0 if echo else 1
     max_tokens = _integer(body, "max_tokens", 16, low, limits.max_sequence_length - 1)
-    temperature = _number(body, "temperature", 1.0, 0.0, 100.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    top_k = _integer(body, "top_k", 0, 0)
+    temperature, top_k, top_p = _sampling(body)
     n = _integer(body, "n", 1, 1, limits.max_n)
-    seed = _integer(body, "seed", None)
+    seed = _integer(body, "seed", None, *SEED_RANGE)
     logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     num_beams = _integer(body, "num_beams", 1, 1, MAX_BEAMS)
-    length_penalty = _number(body, "length_penalty", 1.0)
-    no_repeat = _integer(body, "no_repeat_ngram_size", 0, 0)
+    length_penalty = _number(body, "length_penalty", 1.0, -MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY)
+    no_repeat = _integer(body, "no_repeat_ngram_size", 0, 0, limits.max_sequence_length)
     stop = _stop(body)
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
@@ -207,8 +286,8 @@ def parse_completion(raw: bytes, tokenizer, limits: Limits, next_id) -> Completi
                        f"({limits.max_queue})", "n")
     for text in prompts:
         _check_prompt(text, tokenizer, max_tokens, echo, limits)
-    specs = [SequenceSpec(next_id(), text, max_tokens, temperature=temperature, top_k=top_k,
-                          top_p=0.0 if top_p >= 1.0 else top_p, seed=None if seed is None else seed + choice,
+    specs = [SequenceSpec(next_id(), text, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=None if seed is None else (seed + choice) % 2 ** 64,
                           stop=stop, logprobs=logprobs, echo=echo, num_beams=num_beams,
                           length_penalty=length_penalty, no_repeat_ngram_size=no_repeat)
              for text in prompts for choice in range(n)]

@@ -2,19 +2,28 @@
 
 Each iteration's work (cancellations, at most one newcomer or one beam-search job) is decided here and, under
 tensor parallelism, broadcast to the other ranks (`follow`), which apply the same work to their own engine.
+
+A sequence's own fault ends that sequence inside `Engine.apply` (an error event). Anything `apply` raises is an
+engine-level failure (a TP rank lost, a CUDA error, a bug outside one sequence's work): every queued and running
+request is answered at once (503), new ones too, /health says 503, the other TP ranks are told to stop, and
+`on_fatal` makes the process exit with ENGINE_FAILED_EXIT so that a supervisor restarts it.
 """
+import os
 import sys
 import threading
 import time
 import traceback
 from collections import deque
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from generation.engine import Engine, Event, SequenceSpec
 from model import mpu
 
 HEARTBEAT_S = 5.0  # an idle rank 0 still sends (empty) work this often: the other ranks' broadcasts never time out
 STOP = {"stop": True}
+FATAL = {"fatal": True}  # rank 0's engine failed: every rank exits with ENGINE_FAILED_EXIT
+ENGINE_FAILED_EXIT = 3
+NOTIFY_TIMEOUT_S = 5.0  # how long rank 0 tries to tell the other ranks of a failure (the group may be broken)
 
 
 class QueueFull(Exception):
@@ -26,8 +35,10 @@ class ShuttingDown(QueueFull):
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int, metrics, distributed: bool):
+    def __init__(self, engine: Engine, max_queue: int, metrics, distributed: bool,
+                 on_fatal: Optional[Callable[[], None]] = None):
         self.engine, self.max_queue, self.metrics, self.distributed = engine, max_queue, metrics, distributed
+        self.on_fatal = on_fatal  # called on the engine thread once the engine has failed (server.py: exit)
         self.waiting: deque = deque()
         self.cancelled: List[int] = []
         self.sinks: Dict[int, Callable[[Event], None]] = {}
@@ -43,6 +54,8 @@ class Scheduler:
     def submit(self, specs: List[SequenceSpec], sink: Callable[[Event], None]) -> None:
         """Queue the sequences, all or none (QueueFull past --max-queue); `sink` gets their events."""
         with self.cond:
+            if self.failed is not None:
+                raise ShuttingDown("the engine has failed; the server is exiting")
             if self.stopping or self.drain_at is not None:
                 raise ShuttingDown("the server is shutting down")
             if len(self.waiting) + len(specs) > self.max_queue:
@@ -128,10 +141,8 @@ class Scheduler:
                 events = self._apply(work)
                 events, self.shutdown_events = events + self.shutdown_events, []
                 self._dispatch(events)
-        except BaseException as e:  # the engine is broken: fail every request rather than hang them
-            self.failed = e
-            traceback.print_exc(file=sys.stderr)
-            self._fail_all()
+        except BaseException as e:  # noqa: BLE001 - the engine is broken: answer every request, then exit
+            self._fatal(e)
 
     def _apply(self, work: dict) -> List[Event]:
         if self.distributed:
@@ -152,7 +163,10 @@ class Scheduler:
                     self.sinks.pop(e.seq_id, None)
         for sink, event in routed:
             if sink is not None:
-                sink(event)
+                try:
+                    sink(event)
+                except Exception:  # noqa: BLE001 - a request whose event loop is gone must not stop the others
+                    pass
 
     def _shutdown(self) -> None:
         with self.cond:
@@ -165,18 +179,60 @@ class Scheduler:
             mpu.broadcast_object(STOP)
         self._dispatch(events)
 
-    def _fail_all(self) -> None:
+    def _fatal(self, error: BaseException) -> None:
+        """The engine cannot go on: refuse everything (503), tell the other ranks, let the process exit."""
         with self.cond:
+            self.failed = error
             sinks, self.sinks = dict(self.sinks), {}
             self.waiting.clear()
+        print(f"> engine failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        traceback.print_exception(error, file=sys.stderr)
+        message = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
         for seq_id, sink in sinks.items():
-            sink(Event(seq_id, finish_reason="error"))
+            try:
+                sink(Event(seq_id, finish_reason="error", error=message))
+            except Exception:  # noqa: BLE001
+                pass
+        if self.distributed:
+            _notify_others(FATAL)
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+
+def _notify_others(message: dict) -> None:
+    """Broadcast `message` to the other ranks, giving up after NOTIFY_TIMEOUT_S (a lost rank can block it)."""
+    def send():
+        try:
+            mpu.broadcast_object(message)
+        except Exception:  # noqa: BLE001 - a rank that is gone already knows
+            pass
+
+    sender = threading.Thread(target=send, name="notify", daemon=True)
+    sender.start()
+    sender.join(NOTIFY_TIMEOUT_S)
+
+
+def exit_engine_failed(rank: int) -> None:
+    """End this process at once with ENGINE_FAILED_EXIT: torch.distributed may be broken, so no teardown (a
+    collective that never returns would hang the exit)."""
+    print(f"> server rank {rank} exiting with status {ENGINE_FAILED_EXIT}: the engine failed", file=sys.stderr,
+          flush=True)
+    sys.stdout.flush()
+    os._exit(ENGINE_FAILED_EXIT)
 
 
 def follow(engine: Engine) -> None:
-    """A tensor-parallel rank other than 0: apply rank 0's work until it says stop."""
+    """A tensor-parallel rank other than 0: apply rank 0's work until it says stop; exit when the engine fails
+    (rank 0's, told by FATAL, or this rank's own, e.g. rank 0 lost)."""
     while True:
-        work = mpu.broadcast_object(None)
-        if work == STOP:
-            return
-        engine.apply(work)
+        try:
+            work = mpu.broadcast_object(None)
+            if work == STOP:
+                return
+            if work == FATAL:
+                exit_engine_failed(mpu.get_rank())
+            engine.apply(work)
+        except Exception as e:  # noqa: BLE001 - this rank cannot go on; rank 0 fails on its next collective
+            print(f"> server rank {mpu.get_rank()}: engine failed: {type(e).__name__}: {e}", file=sys.stderr,
+                  flush=True)
+            exit_engine_failed(mpu.get_rank())

@@ -74,3 +74,20 @@ def torchrun(script, args, nprocs=2, timeout=300, env=None, cwd=ROOT):
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+
+def file_modes_bind():
+    """preexec_fn making file modes bind a child even when the tests run as root: it drops CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH from its capability bounding set, so the program it execs has neither. None when not
+    root (the modes already bind)."""
+    if os.geteuid() != 0:
+        return None
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop():
+        for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+    return drop

@@ -189,3 +189,63 @@ def test_quantized_checkpoint_flags_end_to_end(tmp_path, test_tokenizer_path):
     assert ok.returncode == 0 and "> Model initialized" in ok.stdout, ok.stderr[-2000:]
     fp16 = fixture_model_args() + ["--quantization-bit-width", "8", "--from-quantized-checkpoint"]
     assert_one_line_error(run_init(fp16, test_tokenizer_path), "holds 16-bit weights", "drop that flag")
+
+
+def poison(ckpt, values):
+    """Write NaN/Inf into the fixture copy's shard: {key: [(flat index, value), ...]}."""
+    path = ckpt / "1" / "mp_rank_00_model_states.pt"
+    sd = torch.load(path, weights_only=True)["module"]
+    for key, entries in values.items():
+        for index, value in entries:
+            sd[key].view(-1)[index] = value
+    torch.save({"module": sd}, path)
+
+
+DENSE = "transformer.layers.0.attention.dense.weight"
+EMBED = "transformer.word_embeddings.weight"
+
+
+@pytest.mark.parametrize("extra", [(), ("--bf16",), ("--quantization-bit-width", "8")],
+                         ids=["as stored", "converted to bf16", "quantized on load"])
+def test_non_finite_weights_are_refused_naming_keys_and_counts(broken_ckpt, test_tokenizer_path, extra):
+    poison(broken_ckpt, {DENSE: [(3, float("nan")), (700, float("inf"))], EMBED: [(5, float("-inf"))]})
+    args = _replace_args(fixture_model_args(), "--load", broken_ckpt) + list(extra)
+    if extra == ("--bf16",):
+        args.remove("--fp32")
+    dense = f"{DENSE}_scale (2 rows)" if "--quantization-bit-width" in extra else f"{DENSE} (2)"
+    assert_one_line_error(run_init(args, test_tokenizer_path), "non-finite weights (NaN/Inf) in", dense,
+                          f"{EMBED} (1)", "--allow-non-finite-weights")
+    ok = run_init(args + ["--allow-non-finite-weights"], test_tokenizer_path)
+    assert ok.returncode == 0 and "> Model initialized" in ok.stdout, ok.stderr[-2000:]
+    assert "kept because of --allow-non-finite-weights" in ok.stderr
+
+
+def test_count_non_finite_reads_chunks_and_counts_exactly(monkeypatch):
+    from model import checkpoint
+    monkeypatch.setattr(checkpoint, "CHECK_CHUNK", 1000)
+    t = torch.randn(2500, dtype=torch.float16)
+    assert checkpoint.count_non_finite(t) == 0
+    t[[0, 999, 1000, 2499]] = torch.tensor([float("nan"), float("inf"), float("-inf"), float("nan")]).half()
+    assert checkpoint.count_non_finite(t) == 4 and checkpoint.count_non_finite(t.to(torch.int8)) == 0
+    converted, bad = checkpoint.convert_and_count(t, torch.bfloat16)
+    assert bad == 4 and torch.equal(converted.view(torch.int16), t.to(torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.parametrize("how", ["symlink", "hard link", "copy"])
+def test_shards_that_are_one_file_or_copies_are_refused(tmp_path, how):
+    ckpt = tmp_path / "tp2"
+    shutil.copytree(FIXTURE_DIR / "ckpt_tp2", ckpt)
+    first, second = ckpt / "1" / "mp_rank_00_model_states.pt", ckpt / "1" / "mp_rank_01_model_states.pt"
+    second.unlink()
+    {"symlink": lambda: second.symlink_to(first.name), "hard link": lambda: os.link(first, second),
+     "copy": lambda: shutil.copyfile(first, second)}[how]()
+    expected = "holds the same tensors as" if how == "copy" else "are the same file (a symlink or hard link)"
+    from model import GLM130B
+    from tests.helpers import fixture_config
+    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        load_checkpoint(GLM130B(fixture_config(), device="meta"), str(ckpt), 1, 2)
+    proc = subprocess.run([sys.executable, "tools/convert_tp.py", "--input-folder", str(ckpt), "--output-folder",
+                           str(tmp_path / "out"), "--target-tp", "1", "--verify"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert_one_line_error(proc, expected)
+    assert not (tmp_path / "out").exists()

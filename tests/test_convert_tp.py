@@ -189,3 +189,60 @@ def test_peak_memory_is_a_small_fraction_of_the_checkpoint(tmp_path):
     assert size > 250 * mb
     assert split - baseline < 0.5 * size and merge - baseline < 0.5 * size
     assert len(shards(tmp_path / "q8")) == 1
+
+
+def poisoned_copy(tmp_path, entries):
+    """The fixture checkpoint with NaN/Inf written into it: {key: [(flat index, value), ...]}."""
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURE / "ckpt", src)
+    path = src / "1" / "mp_rank_00_model_states.pt"
+    sd = torch.load(path, weights_only=True)["module"]
+    for key, values in entries.items():
+        for index, value in values:
+            sd[key].view(-1)[index] = value
+    torch.save({"module": sd}, path)
+    return src
+
+
+DENSE = "transformer.layers.1.attention.dense.weight"
+
+
+def test_non_finite_weights_stop_the_conversion_unless_allowed_and_are_never_verified(tmp_path, capsys):
+    src = poisoned_copy(tmp_path, {DENSE: [(0, float("nan")), (5, float("inf"))]})
+    line = fails(capsys, src, tmp_path / "out", 2, "--quantization-bit-width", 8)
+    assert f"non-finite weights (NaN/Inf) in {DENSE} (" in line and "--allow-non-finite-weights" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    with pytest.raises(SystemExit) as e:
+        convert(src, tmp_path / "out", 2, "--quantization-bit-width", 8, "--allow-non-finite-weights", "--verify")
+    assert e.value.code == 1
+    out, err = capsys.readouterr()
+    assert "NOT verified: 2 non-finite value(s)" in out and "(verified)" not in out and "warning: " in err
+    rank0 = shards(tmp_path / "out")[0]  # row-parallel dense: both values sit in rank 0's row 0
+    assert rank0[DENSE + "_scale"][0].isnan() and not rank0[DENSE][0].any()
+
+
+def test_verify_reads_the_sources_with_torch_load_not_the_converters_reader(tmp_path, monkeypatch, capsys):
+    """A fault of the converter's own reader (here: one tensor read one element off) is caught by --verify."""
+    real = convert_tp.ShardReader.__getitem__
+
+    def misread(self, key):
+        t = real(self, key)
+        return t.roll(1, dims=-1) if key == DENSE else t
+
+    monkeypatch.setattr(convert_tp.ShardReader, "__getitem__", misread)
+    assert f"verification failed: {DENSE} of " in fails(capsys, FIXTURE / "ckpt", tmp_path / "out", 2, "--verify")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
+    from tests.helpers import file_modes_bind
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--input-folder", str(FIXTURE / "ckpt"), "--output-folder",
+                           str(locked / "out"), "--target-tp", "2"], capture_output=True, text=True, cwd=ROOT,
+                          preexec_fn=file_modes_bind())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Permission denied" in errors[0] and "nothing was written" in errors[0]
+    assert list(locked.iterdir()) == []

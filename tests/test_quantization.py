@@ -239,3 +239,15 @@ def test_quantized_checkpoint_path_equals_quantize_on_load(bits, tmp_path):
     converted = quantize(GLM130B(fixture_config(), dtype=torch.float32, device="meta"), bits)
     load_checkpoint(converted, str(out), 0, 1, prepare_shard=checkpoint_preparer(bits, True))
     assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), after.state_dict().values()))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_row_holding_nan_or_inf_dequantizes_to_nan_never_to_a_plausible_row(bits):
+    w = torch.randn(4, 16, dtype=torch.float16)
+    w[1, 3], w[2, 0] = float("nan"), float("-inf")
+    q, scale = quantize_weight(w, bits)
+    good_q, good_scale = quantize_weight(w[[0, 3]], bits)
+    assert torch.equal(q[[0, 3]], good_q) and torch.equal(scale[[0, 3]], good_scale)
+    assert scale[1].isnan() and scale[2].isnan() and not q[[1, 2]].any()
+    dense = dequantize(q, scale, bits)
+    assert dense[[1, 2]].isnan().all() and dense[[0, 3]].isfinite().all()

@@ -160,3 +160,40 @@ def test_each_iteration_runs_at_most_one_prefill_and_still_steps_the_others(demo
             assert len(steps) == 1  # the running sequences advanced in this iteration too
         iterations += 1
     assert iterations < 200
+
+
+def test_a_failing_sequence_ends_alone_and_its_slot_serves_the_next_one(demo, monkeypatch):
+    """GLM_TEST_FAULTS makes one sequence raise mid-decode and another get NaN logits (and NaN keys/values in its
+    cache row); each ends with an error event, the others' text is fill_blanks' greedy text, and the sequences that
+    take over the failed slots (whose rows held NaN) are not affected."""
+    model, tokenizer = demo
+    monkeypatch.setenv("GLM_TEST_FAULTS", "raise:RAISE-HERE,nan:NAN-HERE")
+    engine = Engine(model, tokenizer, slots=2)
+    texts = ["NAN-HERE " + PROMPTS[1], PROMPTS[0], "RAISE-HERE " + PROMPTS[1], PROMPTS[1], PROMPTS[2], PROMPTS[3]]
+    specs = [SequenceSpec(i, text, 10, temperature=0) for i, text in enumerate(texts)]
+    events = []
+    real_apply = engine.apply
+    engine.apply = lambda work: (lambda out: (events.extend(out), out)[1])(real_apply(work))
+    streamed, results = run(engine, specs)
+    errors = {e.seq_id: e.error for e in events if e.finish_reason == "error"}
+    assert set(errors) == {0, 2} and results[0] == ("error", None) and results[2] == ("error", None)
+    assert "non-finite logits" in errors[0] and "InjectedFault" in errors[2] and "\n" not in errors[2]
+    for i in (1, 3, 4, 5):
+        ref = reference(model, tokenizer, texts[i], 10, 512)
+        assert results[i][1]["blanks"] == ref.blanks[0], texts[i]
+    assert engine.live() == 0 and engine.free_slots() == 2
+
+
+def test_non_finite_logits_and_impossible_tokens_end_the_sequence(demo, monkeypatch):
+    """A sampled sequence whose probabilities are not finite (here: a temperature that overflows the logits) never
+    emits the image/padding id such sampling lands on: it ends with an error, a greedy neighbour is unchanged."""
+    model, tokenizer = demo
+    engine = Engine(model, tokenizer, slots=2)
+    specs = [SequenceSpec(0, PROMPTS[1], 8, temperature=1e-45), SequenceSpec(1, PROMPTS[0], 8, temperature=0)]
+    events = []
+    real_apply = engine.apply
+    engine.apply = lambda work: (lambda out: (events.extend(out), out)[1])(real_apply(work))
+    _, results = run(engine, specs)
+    error = next(e.error for e in events if e.seq_id == 0 and e.finish_reason == "error")
+    assert "which generation never picks" in error
+    assert results[1][1]["blanks"] == reference(model, tokenizer, PROMPTS[0], 8, 512).blanks[0]

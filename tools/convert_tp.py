@@ -8,6 +8,11 @@ Quantization (INT8 / packed INT4, fp16 `<weight>_scale`) applies to the four big
 Memory stays near a few tensors, not the model: every source tensor is memory-mapped on its own and unmapped after
 use, and each output shard is first laid out by torch.save (skip_data) and then filled tensor by tensor. The result
 is built in `<output>.convert_tp-partial` and renamed at the end, so an interrupted run leaves no half checkpoint.
+
+Every tensor is checked for NaN/Inf as it is converted (a min/max pass over data just read): by default the first
+one found stops the run naming the key and the count; --allow-non-finite-weights keeps them (a quantized row that
+holds one gets a NaN scale), and --verify then says "not verified" and exits 1. --verify re-reads the sources and the
+result with torch.load (not this tool's own reader) and compares. Shards that are one file or copies are refused.
 """
 import argparse
 import json
@@ -24,7 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from model.checkpoint import list_shards, read_latest, save_shard  # noqa: E402
+from model.checkpoint import (count_non_finite, list_shards, load_shard_state_dict, read_latest,  # noqa: E402
+                              report_non_finite, save_shard)
 from model.errors import UserError, main_entry  # noqa: E402
 from model.sharding import (is_quantized_weight, local_shard_from_sources, merge_shards, partition,  # noqa: E402
                             shard_tensor, source_ranks_for)
@@ -82,10 +88,16 @@ def target_layout(source: ShardReader, source_tp: int, target_tp: int, bits) -> 
     return layout
 
 
-def target_tensors(sources, rank, source_tp, target_tp, bits):
-    """(key, tensor) of target shard `rank` from its source shards, in checkpoint order."""
+def target_tensors(sources, rank, source_tp, target_tp, bits, non_finite: dict, allow_non_finite: bool):
+    """(key, tensor) of target shard `rank` from its source shards, in checkpoint order. The non-finite values of
+    each key are counted into `non_finite` (split keys on every rank, replicated ones on rank 0); unless allowed,
+    the first one stops the conversion."""
     for key in sources[0]:
         shard = local_shard_from_sources(key, [s[key] for s in sources], rank, source_tp, target_tp)
+        if rank == 0 or partition(key).split_dim is not None:
+            non_finite[key] = non_finite.get(key, 0) + count_non_finite(shard)
+            if not allow_non_finite:
+                report_non_finite({key: non_finite[key]}, os.path.dirname(sources[0].path), False)
         if quantized(key, bits):
             q, scale = quantize_weight(shard, bits)
             yield key, q
@@ -163,14 +175,19 @@ def check_sources(sources, target_tp, heads, bits) -> None:
                             f"--target-tp {target_tp} equal parts{f' of each of its {part.blocks} blocks' if part.blocks > 1 else ''}")
 
 
-def convert(sources, folder, target_tp, bits) -> None:
+def convert(sources, folder, target_tp, bits, allow_non_finite=False) -> dict:
+    """Write the target shards into `folder`; returns key -> non-finite values found (kept only if allowed)."""
     source_tp = len(sources)
     layout = target_layout(sources[0], source_tp, target_tp, bits)
+    non_finite = {}
     with tqdm(total=len(layout) * target_tp, unit="tensor", desc=f"TP {source_tp} -> {target_tp}") as progress:
         for rank in range(target_tp):
             mine = [sources[r] for r in source_ranks_for(rank, source_tp, target_tp)]
             write_shard(os.path.join(folder, f"mp_rank_{rank:02d}_model_states.pt"), layout,
-                        target_tensors(mine, rank, source_tp, target_tp, bits), progress)
+                        target_tensors(mine, rank, source_tp, target_tp, bits, non_finite, allow_non_finite), progress)
+    report_non_finite(non_finite, os.path.dirname(sources[0].path), allow_non_finite,
+                      warn=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
+    return non_finite
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -178,17 +195,20 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
             and torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)))
 
 
-def verify(sources, outputs, bits) -> None:
+def verify(source_paths, output_paths, bits) -> None:
     """Every output shard equals the rules applied to the merged input (re-quantized where quantized), and merging
-    the unquantized outputs gives back the merged input bit for bit."""
+    the unquantized outputs gives back the merged input bit for bit. Sources and outputs are read by torch.load
+    (memory-mapped), not by the ShardReader the conversion used, so a fault of that reader cannot verify itself."""
+    sources = [load_shard_state_dict(p) for p in source_paths]
+    outputs = [load_shard_state_dict(p) for p in output_paths]
     target_tp = len(outputs)
-    layout = target_layout(sources[0], len(sources), target_tp, bits)
-    for o in outputs:
+    layout = target_layout(ShardReader(source_paths[0]), len(sources), target_tp, bits)
+    for path, o in zip(output_paths, outputs):
         if list(o) != list(layout):
-            raise UserError(f"verification failed: {o.path} does not hold the expected tensors")
-    for key in tqdm(list(sources[0].meta), unit="tensor", desc="verifying"):
+            raise UserError(f"verification failed: {path} does not hold the expected tensors")
+    for key in tqdm(list(sources[0]), unit="tensor", desc="verifying"):
         full = merge_shards(key, [s[key] for s in sources])
-        for rank, o in enumerate(outputs):
+        for rank, (path, o) in enumerate(zip(output_paths, outputs)):
             want = shard_tensor(key, full, rank, target_tp)
             pairs = [(key, want)]
             if quantized(key, bits):
@@ -196,7 +216,7 @@ def verify(sources, outputs, bits) -> None:
                 pairs = [(key, q), (key + "_scale", scale)]
             for k, w in pairs:
                 if not same(o[k], w):
-                    raise UserError(f"verification failed: {k} of {o.path} differs from the input")
+                    raise UserError(f"verification failed: {k} of {path} differs from the input")
         if not quantized(key, bits) and not same(merge_shards(key, [o[key] for o in outputs]), full):
             raise UserError(f"verification failed: merging {key} back does not give the input")
 
@@ -252,6 +272,8 @@ def parse_args(argv=None):
                    help="check that whole heads land on each rank (default: from model_config.json when present)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--verify", action="store_true", help="re-read the result and check it against the input")
+    p.add_argument("--allow-non-finite-weights", action="store_true",
+                   help="convert a checkpoint holding NaN/Inf weights anyway (by default the run stops, naming the key)")
     return p.parse_args(argv)
 
 
@@ -269,10 +291,10 @@ def main(argv=None):
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(os.path.join(tmp, iteration))
-        convert(sources, os.path.join(tmp, iteration), target_tp, bits)
+        non_finite = convert(sources, os.path.join(tmp, iteration), target_tp, bits, args.allow_non_finite_weights)
         copy_metadata(args.input_folder, tmp, target_tp, bits)
         if args.verify:
-            verify(sources, [ShardReader(p) for p in list_shards(tmp)], bits)
+            verify(paths, list_shards(tmp), bits)
         if os.path.lexists(out):  # --force: swap the new folder in, then drop the old one
             old = out + ".convert_tp-old"
             shutil.rmtree(old, ignore_errors=True)
@@ -281,11 +303,20 @@ def main(argv=None):
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
         else:
             os.rename(tmp, out)
+    except OSError as e:  # e.g. an output folder that cannot be written, a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot convert: {e.filename or args.output_folder}: {e.strerror or e}; nothing was written "
+                        f"to {args.output_folder} (it needs a folder you can write, with room for the checkpoint)"
+                        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"wrote {args.output_folder}: {target_tp} shard(s) from {source_tp}"
-          f"{f', INT{bits}' if bits else ''}{' (verified)' if args.verify else ''}")
+    bad = sum(non_finite.values())
+    verified = "" if not args.verify else " (verified)" if not bad else (
+        f" (NOT verified: {bad} non-finite value(s) kept by --allow-non-finite-weights)")
+    print(f"wrote {args.output_folder}: {target_tp} shard(s) from {source_tp}{f', INT{bits}' if bits else ''}{verified}")
+    if args.verify and bad:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

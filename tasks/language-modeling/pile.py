@@ -6,7 +6,7 @@ from itertools import accumulate
 from typing import Dict, List
 
 from evaluation import LanguageModelTask, LanguageModelTaskDataset, print_rank_0
-from evaluation.utils import read_json_items
+from evaluation.utils import check_token_ids, read_json_items
 from model.errors import UserError
 
 
@@ -36,6 +36,7 @@ class PileDataset(LanguageModelTaskDataset):
                 raw, text = text, self.tokenizer.tokenize(text)
             if not isinstance(text, list) or not isinstance(raw, str):
                 raise UserError(f"{where}expected 'text' (token ids or a string) and 'text_pretokenized' (a string)")
+            check_token_ids(text, self.tokenizer, "text", where)
             meta = item.get("meta")
             if not isinstance(meta, dict) or "pile_set_name" not in meta:
                 raise UserError(f"{where}missing field 'meta.pile_set_name'")
