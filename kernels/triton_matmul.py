@@ -122,7 +122,7 @@ def failure_cause(error: BaseException) -> str:
         return f"triton does not import ({what})"
     if isinstance(error, subprocess.CalledProcessError) or "C compiler" in what:
         python_h = os.path.join(sysconfig.get_paths()["include"], "Python.h")
-        need = (f"Python.h is missing ({python_h}; install the python3-dev package)" if not os.path.exists(python_h)
+        need = (f"Python.h, missing here ({python_h}; install the python3-dev package)" if not os.path.exists(python_h)
                 else "a C compiler (gcc or clang, or $CC) and Python.h")
         return f"Triton could not build its launcher, which needs {need} ({what})"
     return what

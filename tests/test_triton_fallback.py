@@ -85,7 +85,7 @@ CAUSES = {
     "compile": (RuntimeError("PTX codegen error: ptxas fatal: Unresolved extern function"), "PTX codegen error"),
     "no_compiler": (NO_COMPILER, "needs a C compiler"),
     "no_python_h": (subprocess.CalledProcessError(1, ["gcc", "cuda_utils.c", "-O3", "-shared"]),
-                    "Python.h is missing"),
+                    "which needs Python.h, missing here"),
 }
 
 
