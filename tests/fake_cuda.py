@@ -199,7 +199,7 @@ class _Capture:
     """What one capture recorded, and the memory / generator states to restore when it ends."""
 
     def __init__(self):
-        self.records = []  # (func, host args, host kwargs, [(recorded output, fresh)])
+        self.records = []  # (func, args, kwargs, [(recorded output, fresh)]): host tensors, CPU scalars copied
         self.fresh_storages = set()  # storages allocated during the capture
         self.saved_storages: Dict[int, tuple] = {}
         self.saved_generators: Dict[int, tuple] = {}
@@ -237,7 +237,8 @@ class _Capture:
     def restore(self) -> None:
         for whole, saved in self.saved_storages.values():
             whole.copy_(saved)
-        for generator, state in self.saved_generators.values():
+        # last saved first: one generator may come as several Python objects, the earliest state must win
+        for generator, state in reversed(list(self.saved_generators.values())):
             generator.set_state(state)
 
     def replay(self) -> None:
