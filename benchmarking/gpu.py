@@ -1,8 +1,9 @@
-"""GPU pieces of the benchmark: CUDA-event timing, the HBM read-bandwidth probe, and the timing of the static-cache
-decode step (generation/graph_decode.py) eagerly and as a replayed CUDA graph. On CPU the same functions run with
-wall-clock timing (tools/gpu_check.py --dry-run checks them there)."""
+"""GPU pieces of the benchmark: CUDA-event timing, timing of calls replayed from one CUDA graph, the HBM
+read-bandwidth probe, and the timing of the static-cache decode step (generation/graph_decode.py) eagerly and as a
+replayed CUDA graph. On CPU the same functions run with wall-clock timing (tools/gpu_check.py --dry-run checks them
+there)."""
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence
 
 import torch
 
@@ -31,6 +32,29 @@ def device_time(fn: Callable[[], object], device, repeats: int, inner: int = 1) 
             seconds = time.perf_counter() - t0
         best = min(best, seconds / inner)
     return best
+
+
+def replayed_time(calls: Sequence[Callable[[], object]], device, repeats: int = 3) -> float:
+    """Best seconds per call when `calls` run one after another: on CUDA captured once in a CUDA graph and replayed
+    (no Python launch cost between the kernels, as in graph decoding), eagerly elsewhere. Each call runs once first
+    (kernel compilation, first-use allocations)."""
+    device = torch.device(device)
+    for call in calls:
+        call()
+    if device.type != "cuda":
+        return device_time(lambda: [call() for call in calls], device, repeats) / len(calls)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    return device_time(graph.replay, device, repeats) / len(calls)
 
 
 def hbm_read_bandwidth(device, nbytes: int = 4 << 30, repeats: int = 5) -> Dict[str, float]:
@@ -99,6 +123,7 @@ def gpu_config(device) -> dict:
         triton_version = triton.__version__
     return {"machine.gpu": props.name, "machine.gpu_memory_bytes": props.total_memory,
             "machine.gpu_sms": props.multi_processor_count, "machine.cuda": torch.version.cuda,
+            "machine.gpu_l2_bytes": getattr(props, "L2_cache_size", None),
             "machine.triton": triton_version, "machine.triton_kernels": triton_matmul.available(device)}
 
 

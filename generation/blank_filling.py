@@ -99,17 +99,18 @@ def get_masks_and_position_ids(seq: torch.Tensor, mask_position: int, max_gen_le
 
 
 def generation_layout(inputs: Sequence[Sequence[int]], mask_positions: Sequence[int], use_gmask: Sequence[bool],
-                      max_gen_length: int):
+                      max_gen_length: int, device="cpu"):
     """Right-padded batch layout for one round (model/layout.py): inputs are the rows' ids ending with sop.
 
     Returns (seqs [B, ctx] right-padded, context_lengths [B], get_masks_and_position_ids) where the function gives
-    the full-length (ctx + max_gen_length) tokens, mask [B, 1, L, L] and positions [B, L] for the decoding loop.
+    the full-length (ctx + max_gen_length) tokens, mask [B, 1, L, L] and positions [B, L] for the decoding loop,
+    computed on `device` (the decoding device; seqs and context_lengths stay on the CPU).
     Generated token t of row b sits at column ctx + t with position len_b + t ([gMASK]) or mask_position_b
     ([MASK]/[sMASK]), as in an unpadded row.
     """
     batch = generation_batch([round_sample(ids, m, max_gen_length, g)
                               for ids, m, g in zip(inputs, mask_positions, use_gmask)])
-    return batch["tokens"], batch["context_length"], DecodingLayout(batch, batch["tokens"].device)
+    return batch["tokens"], batch["context_length"], DecodingLayout(batch, device)
 
 
 def round_budget(input_length: int, out_seq_length: int, max_new_tokens: Optional[int],
@@ -243,8 +244,8 @@ def _fill_round(model, tokenizer, strategy, prompts: List[EncodedPrompt], output
                            for o in outs))
     per_prompt = len(outputs[0])  # 1 in the first round; num_beams after a beam-search round
     max_gen = max(0, max(budgets))
-    seqs, context_lengths, layout = generation_layout(rows, mask_positions, gmask, max_gen)
     device = next(model.parameters()).device
+    seqs, context_lengths, layout = generation_layout(rows, mask_positions, gmask, max_gen, device)
     seqs = seqs.to(device)
     width = seqs.shape[1]
     init_scores = None

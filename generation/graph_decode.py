@@ -14,12 +14,15 @@ CUDA-specific. Pieces:
   of end tokens, then argmax (top_k == 1) or top_k_logits' top-k/top-p filter and one inverse-CDF sample; rows that
   produced an end token are done (-1 afterwards). Only the chosen ids (and the done flags) are read by the host.
 - `StepRunner`: eager call, or a CUDA graph per slot bucket, captured after two warm-up runs whose side effects are
-  undone.
+  undone. A capture that fails (of any cause) is reported once per device, and the step runs eagerly there from then
+  on. A seeded strategy's generator is the sampler's (on the device, seeded from it) and is registered with the
+  graph, so a seed gives the same ids run after run, graph or not.
 - `static_filling_sequence`: the decoding loop over these (BaseStrategy on the device, or any host strategy such as
   BeamSearchStrategy fed with the step's logits), with batch_filling_sequence's inputs and results.
 Tensor parallelism is not supported here (collectives inside a captured graph): model-parallel size 1 only.
 """
-from typing import Callable, List, Optional, Sequence
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -87,8 +90,9 @@ class DeviceSampler:
 
     def __init__(self, rows: int, vocab: int, device, top_k: int = 200, top_p: float = 0.0,
                  temperature: float = 1.0, invalid_slices: Sequence = (), end_tokens: Sequence[int] = (),
-                 min_gen_length: int = 0):
+                 min_gen_length: int = 0, generator: Optional[torch.Generator] = None):
         self.top_k, self.top_p, self.temperature = top_k, top_p, temperature
+        self.generator = device_generator(generator, device)
         self.invalid = _invalid_mask(list(invalid_slices or []), vocab, device)
         self.end = torch.tensor(list(end_tokens or []), dtype=torch.long, device=device)
         self.min_gen_length = min_gen_length
@@ -98,7 +102,7 @@ class DeviceSampler:
     @classmethod
     def from_strategy(cls, strategy: BaseStrategy, rows: int, vocab: int, device) -> "DeviceSampler":
         return cls(rows, vocab, device, strategy.top_k, strategy.top_p, strategy.temperature,
-                   strategy.invalid.invalid_slices, strategy.end_tokens, strategy.min_gen_length)
+                   strategy.invalid.invalid_slices, strategy.end_tokens, strategy.min_gen_length, strategy.generator)
 
     def state(self) -> List[torch.Tensor]:
         return [self.done, self.generated]
@@ -121,12 +125,22 @@ class DeviceSampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [rows, V] -> ids [rows] (-1 for done rows); updates the done flags and the step count."""
         x = self.filter_logits(logits)
-        pred = x.argmax(dim=-1) if self.top_k == 1 else _categorical(self.probabilities(x))
+        pred = x.argmax(dim=-1) if self.top_k == 1 else _categorical(self.probabilities(x), self.generator)
         pred = pred.masked_fill(self.done, -1)
         if self.end.numel():
             self.done |= (pred[:, None] == self.end[None, :]).any(dim=-1)
         self.generated += 1
         return pred
+
+
+def device_generator(generator: Optional[torch.Generator], device) -> Optional[torch.Generator]:
+    """A generator on `device` for sampling inside the step: `generator` itself when it is there, else one seeded
+    from it (a seed drawn from `generator`: the same seed gives the same numbers run after run)."""
+    device = torch.device(device)
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 1 << 62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _row_buffer(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -181,38 +195,69 @@ class OneTokenStep:
         return logits
 
 
+_CAPTURE_FAILED: Dict[str, str] = {}  # device -> why graph capture failed there (warned once; eager from then on)
+
+
 class StepRunner:
     """Runs step(key) eagerly, or (CUDA, use_graph) replays it from a CUDA graph captured on first use of each key
     (the slot bucket: static shapes per graph).
 
     Capture needs every lazy allocation and kernel compilation done first: two warm-up runs on a side stream, whose
-    effects on `state` tensors are undone before capturing (capturing itself executes nothing)."""
+    effects on `state` tensors (and `generators`) are undone before capturing (capturing itself executes nothing).
+    When a capture fails, the state is restored, one warning names the cause, and the step runs eagerly on that
+    device from then on (an error of the step itself then surfaces from the eager run)."""
 
-    def __init__(self, step: Callable[..., torch.Tensor], state: List[torch.Tensor], device, use_graph: bool):
+    def __init__(self, step: Callable[..., torch.Tensor], state: List[torch.Tensor], device, use_graph: bool,
+                 generators: Sequence[Optional[torch.Generator]] = ()):
         self.step, self.state, self.device = step, state, torch.device(device)
-        self.use_graph = use_graph and self.device.type == "cuda"
+        self.generators = [g for g in generators if g is not None]
+        self.use_graph = use_graph and self.device.type == "cuda" and str(self.device) not in _CAPTURE_FAILED
         self.graphs = {}  # key -> (graph, its output tensor)
 
     def _capture(self, key):
         saved = [t.clone() for t in self.state]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.step(key)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        for t, s in zip(self.state, saved):
-            t.copy_(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = self.step(key)
-        return graph, output
+        saved_generators = [g.get_state() for g in self.generators]
+
+        def restore():
+            for t, s in zip(self.state, saved):
+                t.copy_(s)
+            for g, s in zip(self.generators, saved_generators):
+                g.set_state(s)
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.step(key)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            restore()
+            graph = torch.cuda.CUDAGraph()
+            for g in self.generators:
+                graph.register_generator_state(g)
+            with torch.cuda.graph(graph):
+                output = self.step(key)
+            return graph, output
+        except Exception as error:
+            torch.cuda.synchronize(self.device)
+            restore()
+            self._give_up(error)
+            return None
+
+    def _give_up(self, error: Exception) -> None:
+        self.use_graph = False
+        key = str(self.device)
+        if key not in _CAPTURE_FAILED:
+            _CAPTURE_FAILED[key] = f"{type(error).__name__}: {str(error).strip()[:300]}"
+            warnings.warn(f"CUDA graph capture of the decode step failed on {key} ({_CAPTURE_FAILED[key]}); the step "
+                          f"runs eagerly on {key} from now on", RuntimeWarning, stacklevel=4)
 
     def __call__(self, key=None) -> torch.Tensor:
+        if self.use_graph and key not in self.graphs:
+            captured = self._capture(key)
+            if captured is not None:
+                self.graphs[key] = captured
         if not self.use_graph:
             return self.step(key)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(key)
         graph, output = self.graphs[key]
         graph.replay()
         return output
@@ -240,7 +285,7 @@ def _generate_on_device(model, seqs, context_lengths, strategy: BaseStrategy, po
     logits = _prefill(model, seqs, context_lengths, position_ids, attention_mask, cache)
     ids = sampler(logits[:, -1])
     step.tokens.copy_(ids.clamp_min(0)[:, None])
-    runner = StepRunner(step, step.state(), seqs.device, use_graph)
+    runner = StepRunner(step, step.state(), seqs.device, use_graph, [sampler.generator])
     columns = []
     while True:
         host = torch.cat([ids, sampler.done.long()]).cpu()  # the one host read per token

@@ -93,10 +93,18 @@ def top_k_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
     return logits
 
 
+def _uniform(shape, generator: Optional[torch.Generator], device, dtype) -> torch.Tensor:
+    """U[0, 1) numbers on `device` from `generator`, drawn on the generator's own device: a seeded CPU generator (a
+    request's seed) gives the same numbers whatever device the logits are on."""
+    if generator is None or generator.device.type == torch.device(device).type:
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
 def _categorical(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One index per row drawn with probability proportional to `probs` [N, K] (inverse CDF; zeros never drawn)."""
     cdf = torch.cumsum(probs, dim=-1)
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    u = _uniform((probs.shape[0], 1), generator, probs.device, cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).view(-1).clamp_(max=probs.shape[-1] - 1)
 
 
@@ -315,7 +323,7 @@ class BeamSearchStrategy:
         if self.deterministic:
             cand = torch.topk(valid, k, dim=-1).indices
         else:  # Gumbel-top-k: k ids sampled without replacement from softmax(scores)
-            u = torch.rand(valid.shape, generator=self.generator, device=valid.device, dtype=torch.float32)
+            u = _uniform(valid.shape, self.generator, valid.device, torch.float32)
             gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
             cand = torch.topk(valid + gumbel, k, dim=-1).indices
         cand_scores, order = torch.sort(valid.gather(1, cand), dim=1, descending=True)

@@ -9,14 +9,20 @@ Both split K over several programs when the output alone gives too few programs 
 summed afterwards).
 
 Triton is imported on first use only, so a machine without it (or without a GPU) runs everything else: `available()`
-says whether these kernels can run. Under TRITON_INTERPRET=1 (set before triton is imported) they run on CPU
+says whether these kernels can run on a device. A failure of any kind (triton does not import, a kernel does not
+compile, Triton's launcher cannot be built because the C compiler or Python.h is missing) is reported once per device
+by `disable`, with its cause, and the caller (quantization/matmul.py) takes PyTorch's path there from then on.
+Under TRITON_INTERPRET=1 (set before triton is imported) they run on CPU
 tensors too, which is how tests/test_triton_kernels.py checks them without a GPU.
 """
 import dataclasses
 import functools
 import importlib.util
 import os
-from typing import Optional
+import subprocess
+import sysconfig
+import warnings
+from typing import Dict, Optional
 
 import torch
 
@@ -80,11 +86,51 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+_FAILED: Dict[str, str] = {}  # device -> why the kernels are not used there (warned once)
+
+
 def available(device: torch.device) -> bool:
-    """Whether the kernels run on tensors of this device: CUDA with triton, or any device under the interpreter."""
+    """Whether the kernels run on tensors of this device: CUDA (or any device under the interpreter), triton and the
+    kernels import, and they have not failed on this device before."""
+    if str(device) in _FAILED or not (interpreting() or (device.type == "cuda" and torch.cuda.is_available())):
+        return False
     if not triton_importable():
         return False
-    return interpreting() or (device.type == "cuda" and torch.cuda.is_available())
+    try:
+        _kernels()
+    except Exception as error:  # triton installed but broken: an ImportError, or whatever its import raised
+        disable(device, error)
+        return False
+    return True
+
+
+def disable(device: torch.device, error: BaseException) -> None:
+    """Stop using the kernels on `device` after `error`: one warning naming the cause, PyTorch's path from now on."""
+    key = str(device)
+    if key in _FAILED:
+        return
+    _FAILED[key] = failure_cause(error)
+    warnings.warn(f"the fused Triton INT8/INT4 kernels failed on {key}: {_FAILED[key]}; using PyTorch's "
+                  f"dequantize-then-matmul path on {key} from now on", RuntimeWarning, stacklevel=3)
+
+
+def failure_cause(error: BaseException) -> str:
+    """One line: what failed, and for a failed build of Triton's launcher what it needs."""
+    lines = str(error).strip().splitlines()
+    what = f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    if isinstance(error, ImportError):
+        return f"triton does not import ({what})"
+    if isinstance(error, subprocess.CalledProcessError) or "C compiler" in what:
+        python_h = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+        need = (f"Python.h, missing here ({python_h}; install the python3-dev package)" if not os.path.exists(python_h)
+                else "a C compiler (gcc or clang, or $CC) and Python.h")
+        return f"Triton could not build its launcher, which needs {need} ({what})"
+    return what
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (a failure there must reach the capture)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int) -> bool:

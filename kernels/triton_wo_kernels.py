@@ -8,6 +8,10 @@ Weights are read in GLM-130B's stored layout, once, and turned into numbers in r
   columns, so no interleave is needed: x is read as its even and odd columns.
 The row scale multiplies the fp32 accumulator once at the end (q is exact in fp16/bf16/fp32).
 
+Offsets: row m of x, row n of the weight and split s of the output start at m · stride_xm, n · stride_wn and
+s · M · N elements, which pass 2³¹ on large shapes (a 32768-row prefill against a 65536-wide weight): these row
+bases are computed once per program in int64 (`_rows`); offsets within a row stay int32.
+
 Split-K: program (n, s) covers K range [s · K_ITERS · BLOCK_K, (s + 1) · K_ITERS · BLOCK_K); with more than one
 split the kernel writes fp32 partials [splits, M, N] (out_split_stride = M · N) that the caller sums. K_ITERS is a
 compile-time constant (one compilation per weight shape; the interpreter also needs constant loop bounds).
@@ -21,6 +25,18 @@ def _unpack_int4(b):
     """int8 bytes -> (high nibble, low nibble), both sign-extended, as int32."""
     w = b.to(tl.int32)
     return w >> 4, ((w & 15) ^ 8) - 8
+
+
+@triton.jit
+def _rows(ptr, offs, stride):
+    """Pointers to the starts of rows `offs` (int64: row · stride may pass 2³¹ elements)."""
+    return ptr + offs.to(tl.int64) * stride
+
+
+@triton.jit
+def _out_rows(out_ptr, pid_k, out_split_stride, offs_m, stride_om):
+    """Pointers to the starts of output rows `offs_m` of split `pid_k` (int64)."""
+    return _rows(out_ptr + pid_k.to(tl.int64) * out_split_stride, offs_m, stride_om)
 
 
 @triton.jit
@@ -41,6 +57,8 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    x_rows = _rows(x_ptr, offs_m, stride_xm)[:, None]
+    w_rows = _rows(w_ptr, offs_n, stride_wn)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * (K_ITERS * BLOCK_K)
     for step in range(0, K_ITERS):
@@ -48,25 +66,22 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K,
         if BITS == 8:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
+            w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
             acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
         else:
             offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             b_ok = offs_b < K // 2
-            b = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :],
-                        mask=n_ok[:, None] & b_ok[None, :], other=0)
+            b = tl.load(w_rows + offs_b[None, :], mask=n_ok[:, None] & b_ok[None, :], other=0)
             hi, lo = _unpack_int4(b)
             x_mask = m_ok[:, None] & b_ok[None, :]
-            x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :], mask=x_mask, other=0)
-            x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :] + 1, mask=x_mask, other=0)
+            x_even = tl.load(x_rows + 2 * offs_b[None, :], mask=x_mask, other=0)
+            x_odd = tl.load(x_rows + 2 * offs_b[None, :] + 1, mask=x_mask, other=0)
             acc += tl.sum(x_even.to(tl.float32)[:, None, :] * hi.to(tl.float32)[None, :, :]
                           + x_odd.to(tl.float32)[:, None, :] * lo.to(tl.float32)[None, :, :], axis=2)
     scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
     out = acc * scale[None, :]
-    out_ptrs = out_ptr + pid_k * out_split_stride + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = _out_rows(out_ptr, pid_k, out_split_stride, offs_m, stride_om)[:, None] + offs_n[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -92,6 +107,8 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K,
     m_ok = offs_m < M
     n_ok = offs_n < N
     dtype = x_ptr.dtype.element_ty
+    x_rows = _rows(x_ptr, offs_m, stride_xm)[:, None]
+    w_cols = _rows(w_ptr, offs_n, stride_wn)[None, :]  # weight row n is column n of the transposed tile
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * (K_ITERS * BLOCK_K)
     for step in range(0, K_ITERS):
@@ -99,23 +116,20 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K,
         if BITS == 8:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_ok[:, None] & k_ok[None, :], other=0)
-            w_t = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
-                          mask=n_ok[None, :] & k_ok[:, None], other=0)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+            w_t = tl.load(w_cols + offs_k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0)
             acc = tl.dot(x, _to_activation(w_t, dtype), acc)
         else:
             offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             b_ok = offs_b < K // 2
-            b_t = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_b[:, None],
-                          mask=n_ok[None, :] & b_ok[:, None], other=0)
+            b_t = tl.load(w_cols + offs_b[:, None], mask=n_ok[None, :] & b_ok[:, None], other=0)
             hi_t, lo_t = _unpack_int4(b_t)
             x_mask = m_ok[:, None] & b_ok[None, :]
-            x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :], mask=x_mask, other=0)
-            x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :] + 1, mask=x_mask, other=0)
+            x_even = tl.load(x_rows + 2 * offs_b[None, :], mask=x_mask, other=0)
+            x_odd = tl.load(x_rows + 2 * offs_b[None, :] + 1, mask=x_mask, other=0)
             acc = tl.dot(x_even, _to_activation(hi_t, dtype), acc)
             acc = tl.dot(x_odd, _to_activation(lo_t, dtype), acc)
     scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
     out = acc * scale[None, :]
-    out_ptrs = out_ptr + pid_k * out_split_stride + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = _out_rows(out_ptr, pid_k, out_split_stride, offs_m, stride_om)[:, None] + offs_n[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

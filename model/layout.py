@@ -167,21 +167,26 @@ class DecodingLayout:
     sees what the sample's last real context token (sop, or the last text token in the unidirectional prefix form)
     sees, plus the earlier generated tokens. Its position id is the sample's own target position, so right padding
     changes nothing but the layout.
+
+    The layout lives on `device`: the decoding device (generate.py, the evaluation), or the CPU for a caller that
+    reads its rows on the host (the server's engine). It is computed there whatever device `seqs` is on, and
+    returned on the device of `seqs`.
     """
 
     def __init__(self, batch: Dict, device):
-        self.context_mask = batch["attention_mask"].to(device)  # [B, 1, C, C], True = blocked
-        self.positions = torch.cat([batch["position_ids"], batch["target_position_ids"]], dim=-1).to(device)
-        self.context_lengths = batch["context_length"].to(device)
+        self.device = torch.device(device)
+        self.context_mask = batch["attention_mask"].to(self.device)  # [B, 1, C, C], True = blocked
+        self.positions = torch.cat([batch["position_ids"], batch["target_position_ids"]], dim=-1).to(self.device)
+        self.context_lengths = batch["context_length"].to(self.device)
         self.max_gen_length = batch["target_position_ids"].shape[-1]
 
     def __call__(self, seqs: torch.Tensor):
         b, c = seqs.shape
-        g = self.max_gen_length
+        g, device = self.max_gen_length, self.device
         tokens = torch.nn.functional.pad(seqs, (0, g), value=-1)
-        mask = torch.ones((b, 1, c + g, c + g), dtype=torch.bool, device=seqs.device)
+        mask = torch.ones((b, 1, c + g, c + g), dtype=torch.bool, device=device)
         mask[:, :, :c, :c] = self.context_mask
-        last_row = self.context_mask[torch.arange(b, device=seqs.device), 0, self.context_lengths - 1]  # [B, C]
+        last_row = self.context_mask[torch.arange(b, device=device), 0, self.context_lengths - 1]  # [B, C]
         mask[:, 0, c:, :c] = last_row.unsqueeze(1)
-        mask[:, :, c:, c:] = ~torch.ones((g, g), dtype=torch.bool, device=seqs.device).tril()
+        mask[:, :, c:, c:] = ~torch.ones((g, g), dtype=torch.bool, device=device).tril()
         return tokens, mask.to(seqs.device), self.positions.to(seqs.device)

@@ -13,7 +13,9 @@ in the high nibble) plus an fp16 scale per row. At run time:
   That kernel computes (u - 8) · scale + zero for the unsigned nibble u, so u = q + 8 and zero = 0 give q · scale.
 - CUDA, fp16/bf16 activations, the stored layout, triton installed: the fused Triton kernels of
   kernels/triton_matmul.py (read the integer weights once, dequantize in registers; a GEMV-like kernel for decode
-  rows, a tiled one for prefill). GLM_TRITON_KERNELS=0 (or TRITON_KERNELS = False) keeps the path below instead.
+  rows, a tiled one for prefill). GLM_TRITON_KERNELS=0 (or TRITON_KERNELS = False) keeps the path below instead, and
+  so does a failure of the kernels on a device (one warning naming the cause, kernels/triton_matmul.py:disable),
+  except during a CUDA graph capture, where the error reaches the capture (generation/graph_decode.py falls back).
 - CPUs without a bf16 GEMM (AVX2-only: PyTorch's is a scalar loop there, kernels.cpu.bf16_gemm_native), bf16
   activations, more rows: q · scale exact in fp32, a block of weight rows at a time, fp32 GEMM, rounded once.
 - Everything else (more rows = prefill, fp16/fp32 activations, CUDA without triton): dequantize into the activation
@@ -164,7 +166,14 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
                        layout: str = ORIGINAL, scales_and_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [..., K] @ (q · scale)ᵀ -> [..., N] in x's dtype (no bias)."""
     if uses_triton(x, weight, scale, bits, layout):
-        return triton_matmul.weight_only_matmul(x, weight, scale, bits)
+        try:
+            return triton_matmul.weight_only_matmul(x, weight, scale, bits)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            if triton_matmul.capturing(x.device):
+                raise
+            triton_matmul.disable(x.device, error)
     if layout == ORIGINAL and cpu.applies(x):
         return (cpu.gemv_int8 if bits == 8 else cpu.gemv_int4)(x, weight, scale)
     x2 = x.reshape(-1, x.shape[-1])

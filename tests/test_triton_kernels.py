@@ -140,6 +140,42 @@ def test_supports_checks_shapes():
     assert not tm.supports(x, q8, scale[:4], 8)
 
 
+OVERFLOW_SCRIPT = """
+import torch
+from kernels import triton_matmul as tm
+from quantization.functional import dequantize, quantize_weight
+ROW = 1 << 30  # fits int32; x's row 2 and the weight's rows 2, 3 start at 2^31 elements and beyond
+m, n, k = 3, 4, 64
+gen = torch.Generator().manual_seed(0)
+x_small = torch.randn(m, k, generator=gen).half()
+x = torch.empty((m - 1) * ROW + k, dtype=torch.float16).as_strided((m, k), (ROW, 1))  # address space; 3 rows touched
+x.copy_(x_small)
+for bits in (8, 4):
+    q, scale = quantize_weight((torch.randn(n, k, generator=gen) * k ** -0.5).half(), bits)
+    w = torch.empty((n - 1) * ROW + q.shape[1], dtype=torch.int8).as_strided(q.shape, (ROW, 1))
+    w.copy_(q)
+    ref = x_small.double() @ dequantize(q, scale, bits, torch.float64).T
+    for config in (tm.Config("gemv", 4, 16, 64), tm.Config("mm", 16, 16, 64)):
+        out = torch.zeros(m, n, dtype=torch.float16)
+        tm._launch(config, x, w, scale, out, m, n, k, k, 1, bits)
+        assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 2e-3, (bits, config)
+print("ok")
+"""
+
+
+def test_row_offsets_past_two_to_the_31():
+    """Row starts past 2^31 elements (rows x N or rows x K >= 2^31 at real sizes) are computed in int64: rows of x
+    and of the weight 2^30 elements apart, in a sparse address space of 7 GiB of which a few pages are touched. With
+    int32 offsets these rows wrap to negative addresses (a crash). Under the interpreter, in its own process."""
+    import subprocess
+    import sys
+    from tests.helpers import ROOT
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", OVERFLOW_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
 AOT_SCRIPT = """
 import sys
 from kernels import triton_matmul as tm
