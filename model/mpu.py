@@ -218,6 +218,27 @@ def vocab_parallel_log_probs(logits: torch.Tensor, rows: torch.Tensor, ids: torc
     return _vocab_parallel_pick(logits, ids, rows) - _vocab_parallel_log_z(logits)[rows]
 
 
+def vocab_parallel_top_log_probs(logits: torch.Tensor, k: int):
+    """The k largest log softmax values of each row of vocab-sharded `logits` [R, V/mp] and their global ids
+    ([R, k] each), without gathering the vocabulary: each rank's k best, gathered, then the best k of those."""
+    logits = logits.float()
+    log_z = _vocab_parallel_log_z(logits)
+    values, ids = torch.topk(logits, k, dim=-1)
+    ids = ids + get_model_parallel_rank() * logits.shape[-1]
+    values = gather_from_model_parallel_region(values - log_z.unsqueeze(-1))
+    ids = gather_from_model_parallel_region(ids)
+    best, where = torch.topk(values, k, dim=-1)
+    return best, ids.gather(-1, where)
+
+
+def vocab_parallel_is_argmax(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Whether ids[n] has the largest logit of row rows[n] of vocab-sharded `logits` [R, V/mp] (bool [N])."""
+    logits = logits.float()
+    row_max = logits.max(dim=-1).values
+    all_reduce_model_parallel(row_max, dist.ReduceOp.MAX if get_model_parallel_world_size() > 1 else None)
+    return _vocab_parallel_pick(logits, ids, rows) >= row_max[rows]
+
+
 def print_rank_0(*args, **kwargs) -> None:
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)

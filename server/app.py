@@ -1,4 +1,5 @@
-"""The HTTP side (FastAPI): /v1/completions (JSON or Server-Sent Events), /v1/models, /health, /metrics.
+"""The HTTP side (FastAPI): /v1/completions (JSON or Server-Sent Events), /v1/models, /health, /metrics, and the
+tokenizer endpoints lm-evaluation-harness probes (server/tokenizer_api.py).
 
 Requests are checked (server/protocol.py), queued on the scheduler, and answered from the events the engine
 thread sends back; a streaming client that goes away has its sequences cancelled, which frees their slots.
@@ -17,6 +18,7 @@ from generation.engine import Event
 from server.protocol import (ApiError, CompletionRequest, Limits, chunk, completion_id, logprobs_body, now,
                              parse_completion, usage_body)
 from server.scheduler import QueueFull
+from server.tokenizer_api import add_tokenizer_routes
 
 DISCONNECT_POLL_S = 1.0
 
@@ -31,6 +33,7 @@ class _Choice:
     def __init__(self, index: int, prompt: str, echo: bool):
         self.index, self.prompt = index, prompt
         self.text = prompt if echo else ""
+        self.offset = 0 if echo else len(prompt)  # text_offset counts from the prompt's start (OpenAI's meaning)
         self.streamed = False  # whether a stream chunk of this choice was sent
         self.logprobs = []
         self.finish_reason = None
@@ -44,7 +47,7 @@ class _Choice:
 
     def body(self, want_logprobs: bool) -> dict:
         out = {"index": self.index, "text": self.text, "finish_reason": self.finish_reason,
-               "logprobs": logprobs_body(self.logprobs) if want_logprobs else None}
+               "logprobs": logprobs_body(self.logprobs, self.offset) if want_logprobs else None}
         out["blanks"] = self.result["blanks"] if self.result else []
         return out
 
@@ -96,6 +99,8 @@ def build_app(scheduler, tokenizer, limits: Limits, metrics) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, exc):
         return error_response(ApiError(400, "invalid request"))
+
+    add_tokenizer_routes(app, tokenizer, limits, metrics)
 
     @app.get("/health")
     async def health():
@@ -182,7 +187,7 @@ def _delta(flight: _Request, choice: _Choice, event: Event, offsets: List[int]) 
 
 async def _stream(flight: _Request, scheduler, limits: Limits, metrics):
     finished = False
-    offsets = [0] * len(flight.choices)
+    offsets = [c.offset for c in flight.choices]
     try:
         while flight.open:
             event = await flight.events.get()

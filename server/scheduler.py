@@ -1,7 +1,8 @@
 """Rank 0's engine thread: a bounded queue of sequences, one `Engine.apply` per iteration, events to the requests.
 
-Each iteration's work (cancellations, at most one newcomer or one beam-search job) is decided here and, under
-tensor parallelism, broadcast to the other ranks (`follow`), which apply the same work to their own engine.
+Each iteration's work (cancellations, the waiting echo requests that need no decode step packed into one scoring
+batch, at most one newcomer or one beam-search job) is decided here and, under tensor parallelism, broadcast to the
+other ranks (`follow`), which apply the same work to their own engine.
 """
 import sys
 import threading
@@ -10,7 +11,7 @@ import traceback
 from collections import deque
 from typing import Callable, Dict, List
 
-from generation.engine import Engine, Event, SequenceSpec
+from generation.engine import Engine, Event, SequenceSpec, is_scoring
 from model import mpu
 
 HEARTBEAT_S = 5.0  # an idle rank 0 still sends (empty) work this often: the other ranks' broadcasts never time out
@@ -95,7 +96,8 @@ class Scheduler:
         """Wait until there is something to do (or a heartbeat is due); the work of the next iteration."""
         with self.cond:
             deadline = time.monotonic() + HEARTBEAT_S
-            while not (self.stopping or self.cancelled or self.engine.live() or self._admissible()):
+            while not (self.stopping or self.cancelled or self.engine.live() or self._admissible()
+                       or any(is_scoring(s) for s in self.waiting)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return {}
@@ -108,13 +110,34 @@ class Scheduler:
                 self.cancelled += [s.spec.seq_id for s in self.engine.slots if s is not None]
             work = {"cancel": self.cancelled}
             self.cancelled = []
+            score = self._scoring_batch()
+            if score:
+                work["score"] = score
             if self._admissible():
                 spec = self.waiting.popleft()
                 work["beam" if spec.num_beams > 1 else "admit"] = [spec]
             return work
 
+    def _scoring_batch(self) -> List[SequenceSpec]:
+        """The waiting echo requests that need no decode step, in queue order, as many as one forward takes: at most
+        --max-slots of them, right-padded to at most the model's sequence length in tokens."""
+        taken, longest = [], 0
+        for spec in self.waiting:
+            if not is_scoring(spec):
+                continue
+            longest = max(longest, len(spec.ids) + 2)
+            if len(taken) == len(self.engine.slots) or (taken and longest * (len(taken) + 1) >
+                                                         self.engine.max_sequence_length):
+                break
+            taken.append(spec)
+        if taken:
+            chosen = {id(s) for s in taken}
+            self.waiting = deque(s for s in self.waiting if id(s) not in chosen)
+        return taken
+
     def _admissible(self) -> bool:
-        return bool(self.waiting) and (self.waiting[0].num_beams > 1 or self.engine.can_admit())
+        return bool(self.waiting) and not is_scoring(self.waiting[0]) and (self.waiting[0].num_beams > 1
+                                                                            or self.engine.can_admit())
 
     def _run(self) -> None:
         try:
