@@ -1,7 +1,7 @@
 """The in-process lm-eval model (`glm130b`, evaluation/harness.py) scores as evaluate.py does: the README's
 scripts/lm_eval.sh command run on the demo model over the local tasks of tests/data/lm_eval, its per-request numbers
 against evaluate.py's on the same data; long documents over several windows; generate_until against generate.py's
-fill_blanks; tensor parallelism (TP=2 under torchrun) against one process."""
+fill_blanks; tensor and data parallelism (2 ranks under torchrun) against one process."""
 import json
 import os
 import shlex
@@ -142,16 +142,18 @@ def test_continuations_of_one_context_are_one_sample_and_empty_ones_score_eop(ha
     assert all(isinstance(g, bool) for _, g in together)
 
 
-def test_tensor_parallel_run_under_torchrun_equals_one_process(test_tokenizer_path, tmp_path):
-    """lm_eval_harness.py under torchrun with 2 tensor-parallel ranks (gloo): every request's number equals the
-    one-process model's on the same requests; rank 0 alone writes the results."""
+@pytest.mark.parametrize("mp", [2, 1], ids=["tensor-parallel", "data-parallel"])
+def test_two_ranks_under_torchrun_equal_one_process(mp, test_tokenizer_path, tmp_path):
+    """lm_eval_harness.py under torchrun with 2 ranks (gloo), tensor parallel (TP=2) or data parallel (lm-eval
+    shares the documents out, the results are gathered): every request's number equals the one-process model's on
+    the same requests; rank 0 alone writes the results."""
     from evaluation.harness import GLM130BHarness
     from tests.helpers import load_fixture_model
     from model.tokenizer import IceTokenizer
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "lm_eval_harness.py",
-           *fixture_model_args(mp=2, extra=("--tokenizer-path", test_tokenizer_path)),
+           *fixture_model_args(mp=mp, extra=("--tokenizer-path", test_tokenizer_path)),
            "--include_path", "tests/data/lm_eval/tasks", "--tasks", TASKS, "--batch_size", "3", "--log_samples",
            "--output_path", str(out)]
     env = offline_env({**os.environ, "OMP_NUM_THREADS": "1"}, tmp_path)

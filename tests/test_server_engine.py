@@ -229,3 +229,23 @@ def test_each_iteration_runs_at_most_one_prefill_and_still_steps_the_others(demo
             assert len(steps) == 1  # the running sequences advanced in this iteration too
         iterations += 1
     assert iterations < 200
+
+
+def test_the_scheduler_packs_the_waiting_echo_requests_into_one_scoring_batch(demo):
+    """Echo requests that need no decode step are taken from anywhere in the queue, in order, at most --max-slots
+    of them and at most the sequence length in padded tokens; a generation request is admitted beside them."""
+    from server.metrics import Metrics
+    from server.scheduler import Scheduler
+    model, tokenizer = demo
+    engine = Engine(model, tokenizer, slots=4, max_sequence_length=64)
+    scheduler = Scheduler(engine, max_queue=32, metrics=Metrics(), distributed=False)
+    short = tuple(tokenizer.tokenize("The quick brown fox"))
+    echo = [SequenceSpec(i, "", i % 2, echo=True, ids=short) for i in range(1, 7)]
+    generation = SequenceSpec(0, PROMPTS[1], 4, temperature=0)
+    scheduler.submit([echo[0], generation] + echo[1:], lambda event: None)
+    work = scheduler._next_work()
+    assert [s.seq_id for s in work["score"]] == [1, 2, 3, 4] and work["admit"] == [generation]
+    assert [s.seq_id for s in scheduler._next_work()["score"]] == [5, 6]
+    long = tuple(tokenizer.tokenize("hello " * 24))[:29]  # 29 + [gMASK] sop = 31 positions: two fit in 64
+    scheduler.submit([SequenceSpec(i, "", 0, echo=True, ids=long) for i in range(10, 13)], lambda event: None)
+    assert [s.seq_id for s in scheduler._next_work()["score"]] == [10, 11]
