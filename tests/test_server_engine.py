@@ -135,11 +135,20 @@ def test_echo_log_probs_equal_the_evaluation_loss(demo):
 ECHO_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello", "清华大学位于北京。 And a longer English tail."]
 
 
-def test_packed_echo_scoring_equals_one_at_a_time_and_a_leading_sop_is_the_window_own(demo):
+def test_packed_echo_scoring_equals_one_at_a_time_and_a_leading_sop_is_the_window_own(demo, monkeypatch):
+    """Texts in one forward; those that begin alike (one question's answers) share one row."""
+    import generation.scoring
     model, tokenizer = demo
     sop = tokenizer.get_command("sop")
-    texts = [tokenizer.tokenize(t) for t in ECHO_TEXTS] + [[sop] + tokenizer.tokenize(ECHO_TEXTS[0])]
-    packed = score_texts(model, tokenizer, texts, [2, 0, 1, 0], [True, False, True, False])
+    question = tokenizer.tokenize("Question: which animal says moo? Answer:")
+    answers = [question + tokenizer.tokenize(a) for a in (" the cow", " a cat", " the small green frog")]
+    texts = [tokenizer.tokenize(t) for t in ECHO_TEXTS] + [[sop] + tokenizer.tokenize(ECHO_TEXTS[0])] + answers
+    rows = []
+    collate = generation.scoring.collate_layouts
+    monkeypatch.setattr(generation.scoring, "collate_layouts", lambda layouts: (rows.append(len(layouts)),
+                                                                                collate(layouts))[1])
+    packed = score_texts(model, tokenizer, texts, [2, 0, 1, 0, 1, 1, 0], [True, False, True, False, True, False, True])
+    assert rows == [4]  # the three answers in one row (the sop-led text shares the first one's)
     for ids, (logprobs, nxt) in zip(texts, packed):
         (alone, alone_next), = score_texts(model, tokenizer, [ids], [2], [True])
         assert max(abs(a.logprob - b.logprob) for a, b in zip(logprobs, alone) if a.logprob is not None) <= 1e-5
