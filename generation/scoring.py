@@ -127,12 +127,9 @@ def window_logprobs(tokenizer, ids: Sequence[int], shard_rows: torch.Tensor, top
     sop = tokenizer.get_command("sop")
     scored = scored_part(ids, sop)
     targets = torch.tensor(scored, dtype=torch.long, device=shard_rows.device)
-    chosen = mpu.vocab_parallel_log_probs(shard_rows, torch.arange(len(scored), device=shard_rows.device), targets)
-    alternatives: List[Dict[str, float]] = [{} for _ in scored]
-    if top > 0:
-        values, alt_ids = mpu.vocab_parallel_top_log_probs(shard_rows, top)
-        alternatives = [{tokenizer.id_text(i): v for v, i in zip(vs, js)}
-                        for vs, js in zip(values.tolist(), alt_ids.tolist())]
+    chosen, values, alt_ids = mpu.vocab_parallel_scores(shard_rows, targets, top)
+    alternatives = [{tokenizer.id_text(i): v for v, i in zip(vs, js)}
+                    for vs, js in zip(values.tolist(), alt_ids.tolist())]
     texts = tokenizer.token_texts(ids)
     lead = len(ids) - len(scored)
     out = [TokenLogprob(texts[0], None, {})] if lead else []

@@ -218,17 +218,21 @@ def vocab_parallel_log_probs(logits: torch.Tensor, rows: torch.Tensor, ids: torc
     return _vocab_parallel_pick(logits, ids, rows) - _vocab_parallel_log_z(logits)[rows]
 
 
-def vocab_parallel_top_log_probs(logits: torch.Tensor, k: int):
-    """The k largest log softmax values of each row of vocab-sharded `logits` [R, V/mp] and their global ids
-    ([R, k] each), without gathering the vocabulary: each rank's k best, gathered, then the best k of those."""
+def vocab_parallel_scores(logits: torch.Tensor, ids: torch.Tensor, k: int):
+    """For each row n of vocab-sharded `logits` [N, V/mp]: log softmax[ids[n]], and the k largest log softmax values
+    with their global ids ([N, k] each; k may be 0), without gathering the vocabulary: each rank's k best,
+    gathered, then the best k of those."""
     logits = logits.float()
     log_z = _vocab_parallel_log_z(logits)
-    values, ids = torch.topk(logits, k, dim=-1)
-    ids = ids + get_model_parallel_rank() * logits.shape[-1]
+    chosen = _vocab_parallel_pick(logits, ids) - log_z
+    if k == 0:
+        empty = logits.new_zeros((logits.shape[0], 0))
+        return chosen, empty, empty.long()
+    values, top = torch.topk(logits, k, dim=-1)
     values = gather_from_model_parallel_region(values - log_z.unsqueeze(-1))
-    ids = gather_from_model_parallel_region(ids)
+    top = gather_from_model_parallel_region(top + get_model_parallel_rank() * logits.shape[-1])
     best, where = torch.topk(values, k, dim=-1)
-    return best, ids.gather(-1, where)
+    return chosen, best, top.gather(-1, where)
 
 
 def vocab_parallel_is_argmax(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,9 @@ from generation.engine import Engine, Event, SequenceSpec, is_scoring
 from model import mpu
 
 HEARTBEAT_S = 5.0  # an idle rank 0 still sends (empty) work this often: the other ranks' broadcasts never time out
+# With nothing decoding, a scoring batch that is not full waits this long for more echo requests: concurrent clients
+# whose previous answers just went out send their next requests within it, and they share one forward.
+SCORE_GATHER_S = 0.02
 STOP = {"stop": True}
 
 
@@ -102,6 +105,9 @@ class Scheduler:
                 if left <= 0:
                     return {}
                 self.cond.wait(min(left, 1.0))
+            deadline = time.monotonic() + SCORE_GATHER_S
+            while self._gathering() and time.monotonic() < deadline:
+                self.cond.wait(max(0.0, deadline - time.monotonic()))
             if self.stopping:
                 return STOP
             if self._drain_due():
@@ -117,6 +123,13 @@ class Scheduler:
                 spec = self.waiting.popleft()
                 work["beam" if spec.num_beams > 1 else "admit"] = [spec]
             return work
+
+    def _gathering(self) -> bool:
+        """Whether to wait for more echo requests: some wait, fewer than a batch, nothing else to do."""
+        if self.stopping or self.cancelled or self.engine.live() or self._admissible() or self.drain_at is not None:
+            return False
+        waiting = sum(is_scoring(s) for s in self.waiting)
+        return 0 < waiting < len(self.engine.slots)
 
     def _scoring_batch(self) -> List[SequenceSpec]:
         """The waiting echo requests that need no decode step, in queue order, as many as one forward takes: at most

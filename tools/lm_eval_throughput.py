@@ -2,8 +2,9 @@
 
 Starts scripts/server.sh on a model config (default the benchmark model, configs/model_glm_bench.sh), writes a
 local multiple-choice task (DOCS questions x 4 answers, fixed seed), runs `lm_eval --model local-completions` with
-lm-eval's defaults once per concurrency, checks that both runs got the same numbers, and prints (and with --json
-writes) each run's wall time and requests per second, and their ratio. docs/performance.md "Scoring" has the results.
+lm-eval's defaults once per concurrency, and prints (and with --json writes) each run's wall time (the whole lm_eval
+process) and requests per second, their ratio, and the largest difference between the two runs' scores (batches of
+other sizes round differently: ~1e-4 per token in fp32, much more in bf16 on the random-weight models). docs/performance.md "Scoring" has the results.
 
     python tools/lm_eval_throughput.py --json scoring.json
     MODEL_CONFIG=configs/model_glm_demo.sh python tools/lm_eval_throughput.py --docs 4   # a quick check
@@ -15,7 +16,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -116,8 +116,6 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if worst > 1e-3:
-        sys.exit(f"the two runs disagree by {worst} nats")
 
 
 if __name__ == "__main__":
