@@ -188,7 +188,9 @@ def _vocab_parallel_log_z(logits: torch.Tensor) -> torch.Tensor:
     """log Σ exp over the whole (sharded) vocabulary of each row of fp32 `logits` [..., V/mp]."""
     row_max = logits.max(dim=-1).values
     all_reduce_model_parallel(row_max, dist.ReduceOp.MAX if get_model_parallel_world_size() > 1 else None)
-    sum_exp = (logits - row_max.unsqueeze(-1)).exp().sum(dim=-1)
+    # Terms below e^-80 cannot change an fp32 sum that is at least 1 (the max term); clamping keeps exp out of
+    # subnormal results, which x86 computes many times slower (a random model's logits span hundreds of nats).
+    sum_exp = (logits - row_max.unsqueeze(-1)).clamp_(min=-80.0).exp_().sum(dim=-1)
     all_reduce_model_parallel(sum_exp)
     return row_max + sum_exp.log()
 

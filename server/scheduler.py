@@ -173,6 +173,8 @@ class Scheduler:
         if self.distributed:
             mpu.broadcast_object(work)
         start, tokens = time.perf_counter(), self.engine.decode_tokens
+        if work.get("score"):
+            self.metrics.scoring_batch(len(work["score"]))
         events = self.engine.apply(work)
         self.metrics.step(time.perf_counter() - start, self.engine.decode_tokens - tokens)
         return events

@@ -127,3 +127,6 @@ def test_lm_eval_local_completions_with_its_defaults_equals_the_servers_scoring_
                           stop=args["arg_1"]["until"] + ["[</s>]"])["choices"][0]["text"]
         assert sample["resps"][0][0] == direct
     json.loads((next(out.rglob("results_*.json"))).read_text())  # the results file is complete JSON
+    from server.metrics import parse
+    values = parse(httpx.get(server.url + "/metrics").text)
+    assert values["glm_scored_prompts_total"] >= 15 + 4 and 1 <= values["glm_scoring_batches_total"]

@@ -16,6 +16,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from server.metrics import parse  # noqa: E402
 WORDS = ("the a river mountain small old bright quiet city garden teacher student window morning evening light "
          "paper stone music market train bridge forest winter summer friend letter story question answer animal "
          "water field road house bird boat cloud").split()
@@ -79,15 +82,19 @@ def run_lm_eval(port: int, folder: Path, concurrency: int) -> dict:
     cmd = ["lm_eval", "--model", "local-completions", "--model_args", args, "--include_path", str(folder),
            "--tasks", "throughput_choices", "--log_samples", "--output_path", str(out)]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / "hf")}
+    before = parse(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = parse(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+    batches = after["glm_scoring_batches_total"] - before["glm_scoring_batches_total"]
+    prompts = after["glm_scored_prompts_total"] - before["glm_scored_prompts_total"]
     if proc.returncode != 0:
         raise SystemExit(f"lm_eval failed:\n{proc.stderr[-3000:]}")
     samples = [json.loads(line) for f in out.rglob("samples_*.jsonl") for line in f.read_text().splitlines()]
     scores = {(s["doc_id"], k): float(r[0][0]) for s in samples for k, r in enumerate(s["resps"])}
     return {"seconds": seconds, "requests": len(scores), "requests_per_second": len(scores) / seconds,
-            "scores": scores}
+            "scoring_forwards": batches, "prompts_per_forward": prompts / max(1, batches), "scores": scores}
 
 
 def main() -> None:
