@@ -94,10 +94,12 @@ class _Round:
 class _Sequence:
     def __init__(self, spec: SequenceSpec, tokenizer, end_tokens, invalid, slot: Optional[int]):
         self.spec, self.slot = spec, slot  # slot None: a scoring request, never in the batch
-        self.prompt = encode_prompt_ids(spec.ids, tokenizer) if spec.ids is not None else encode_prompt(spec.text,
-                                                                                                       tokenizer)
-        self.has_mask = any(tokenizer.get_command(m) in (spec.ids or ()) for m in MASK_PRECEDENCE) \
-            if spec.ids is not None else any(m in spec.text for m in MASK_PRECEDENCE)
+        if spec.ids is not None:
+            self.prompt = encode_prompt_ids(spec.ids, tokenizer)
+            self.has_mask = any(tokenizer.get_command(m) in spec.ids for m in MASK_PRECEDENCE)
+        else:
+            self.prompt = encode_prompt(spec.text, tokenizer)
+            self.has_mask = any(m in spec.text for m in MASK_PRECEDENCE)
         self.output = _Output(seq=list(self.prompt.ids))
         self.strategy = _sampling_strategy(spec, end_tokens, invalid)
         self.round: Optional[_Round] = None

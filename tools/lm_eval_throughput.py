@@ -16,7 +16,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +23,6 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from server.metrics import parse  # noqa: E402
 WORDS = ("the a river mountain small old bright quiet city garden teacher student window morning evening light "
          "paper stone music market train bridge forest winter summer friend letter story question answer animal "
          "water field road house bird boat cloud").split()
@@ -76,17 +73,23 @@ def start_server(port: int, log: Path, extra) -> subprocess.Popen:
     raise SystemExit("the server did not start in 900 s")
 
 
+def counters(port: int) -> dict:
+    """The server's /metrics page as {name: value}."""
+    lines = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text.splitlines()
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))}
+
+
 def run_lm_eval(port: int, folder: Path, concurrency: int) -> dict:
     out = folder / f"out{concurrency}"
     args = (f"model=glm-130b,base_url=http://127.0.0.1:{port}/v1/completions,num_concurrent={concurrency}")
     cmd = ["lm_eval", "--model", "local-completions", "--model_args", args, "--include_path", str(folder),
            "--tasks", "throughput_choices", "--log_samples", "--output_path", str(out)]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / "hf")}
-    before = parse(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+    before = counters(port)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    after = parse(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+    after = counters(port)
     batches = after["glm_scoring_batches_total"] - before["glm_scoring_batches_total"]
     prompts = after["glm_scored_prompts_total"] - before["glm_scored_prompts_total"]
     if proc.returncode != 0:
