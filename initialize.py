@@ -62,12 +62,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "--quantization-bit-width (speed measurements at full size; the outputs are meaningless)")
 
 
-def parse_args(extra_args_provider: Optional[Callable] = None, argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(allow_abbrev=True)
+def parse_args(extra_args_provider: Optional[Callable] = None, argv=None, known_only=False) -> argparse.Namespace:
+    """known_only: flags this parser does not know are kept, in order, in `args.unparsed` (for another program's
+    parser; abbreviations are then off, so none of them is taken for one of these flags)."""
+    parser = argparse.ArgumentParser(allow_abbrev=not known_only)
     add_model_args(parser)
     if extra_args_provider is not None:
         extra_args_provider(parser)
-    args = parser.parse_args(argv)
+    if known_only:
+        args, unparsed = parser.parse_known_args(argv)
+        args.unparsed = unparsed
+    else:
+        args = parser.parse_args(argv)
     args.rank = int(os.environ.get("RANK", "0"))
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args.local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank if args.local_rank is not None else 0))
@@ -133,8 +139,8 @@ def set_random_seed(seed: int) -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def initialize(extra_args_provider: Optional[Callable] = None, argv=None) -> argparse.Namespace:
-    args = parse_args(extra_args_provider, argv)
+def initialize(extra_args_provider: Optional[Callable] = None, argv=None, known_only=False) -> argparse.Namespace:
+    args = parse_args(extra_args_provider, argv, known_only)
     args.do_train = False
     initialize_distributed(args)
     set_random_seed(args.seed)

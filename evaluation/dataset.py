@@ -32,13 +32,17 @@ def left_truncate(ids: List[int], keep: int) -> List[int]:
 
 
 class EvaluationDataset:
-    """The examples of one data file (`data`, what metrics see) and its model inputs (`len(self)` of them)."""
+    """The examples of one data file (`data`, what metrics see) and its model inputs (`len(self)` of them).
+    `items`: records given in memory instead of the file's lines (the lm-eval model's requests); `path` then only
+    names them in messages."""
 
-    def __init__(self, path: str, config: BaseConfig, tokenizer, limit: Optional[int] = None):
+    def __init__(self, path: str, config: BaseConfig, tokenizer, limit: Optional[int] = None,
+                 items: Optional[Sequence[Any]] = None):
         self.path = path
         self.config = config
         self.tokenizer = tokenizer
         self.limit = limit
+        self.items = items
         self.mask_id = tokenizer.get_command("[MASK]")
         self.gmask_id = tokenizer.get_command("[gMASK]")
         self.sop_id = tokenizer.get_command("sop")
@@ -48,7 +52,8 @@ class EvaluationDataset:
         self.load()
 
     def load(self) -> None:
-        for line, item in read_json_items(self.path, self.limit):
+        lines = read_json_items(self.path, self.limit) if self.items is None else enumerate(self.items, 1)
+        for line, item in lines:
             self.data.extend(self.process_single_item(item, f"{self.path}:{line}: "))
 
     def process_single_item(self, item: dict, where: str) -> List[dict]:
@@ -177,8 +182,9 @@ class GenerationTaskDataset(EvaluationDataset):
 # ---- Language modelling -------------------------------------------------------------------------------------------
 
 class LanguageModelTaskDataset(EvaluationDataset):
-    """A plain text file is one document; it is scored in windows of max_seq_length - 1 tokens that advance by
-    generation_length, each later window with the preceding tokens as a bidirectional prompt."""
+    """A plain text file is one document (in-memory `items`: one document each); it is scored in windows of
+    max_seq_length - 1 tokens that advance by generation_length, each later window with the preceding tokens as a
+    bidirectional prompt."""
 
     config: LanguageModelTaskConfig
     limit_counts_windows = True  # --limit counts windows (False: documents, for multi-document files)
@@ -192,12 +198,19 @@ class LanguageModelTaskDataset(EvaluationDataset):
             self.num_windows = min(self.num_windows, self.limit)
 
     def load_documents(self) -> None:
+        if self.items is not None:
+            for raw_text in self.items:
+                self.add_document(raw_text)
+            return
         try:
             with open_data_file(self.path) as f:
                 check_whole_file_size(f, self.path, "a plain-text document")
                 raw_text = f.read()
         except UnicodeDecodeError as e:
             raise UserError(f"{self.path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        self.add_document(raw_text)
+
+    def add_document(self, raw_text: str) -> None:
         tokens = self.tokenizer.tokenize(raw_text)
         self.data.append({"raw_text": tokens, "num_original_tokens": len(raw_text.strip().split(" ")),
                           "num_sequences": self.num_sequences(len(tokens))})

@@ -31,8 +31,9 @@ class ModelForEvaluation:
         return self.model.logits(*self._inputs(batch), logits_index=logits_index, parallel_output=True)
 
     @torch.inference_mode()
-    def cond_log_prob(self, batch) -> List[List[float]]:
-        """Per sample, per choice: Σ_j log p(choice_j | context, choice_<j) (rows and ids from the collator)."""
+    def cond_log_prob(self, batch, greedy: bool = False):
+        """Per sample, per choice: Σ_j log p(choice_j | context, choice_<j) (rows and ids from the collator).
+        greedy: also, per sample, per choice, whether every choice token is the most likely one at its row."""
         rows_per_sample = [sorted({int(r) for rows in rows_b for r in rows}) for rows_b in batch["choice_rows"]]
         width = max(len(rows) for rows in rows_per_sample)
         index = torch.tensor([rows + rows[:1] * (width - len(rows)) for rows in rows_per_sample], device=self.device)
@@ -47,11 +48,17 @@ class ModelForEvaluation:
         keys_t = torch.tensor(keys, dtype=torch.long, device=logits.device)
         unique, inverse = torch.unique(keys_t, return_inverse=True)
         selected = logits.reshape(-1, logits.shape[-1])[unique]
-        token_logp = mpu.vocab_parallel_log_probs(selected, inverse, torch.tensor(ids, device=logits.device)).tolist()
+        ids_t = torch.tensor(ids, device=logits.device)
+        token_logp = mpu.vocab_parallel_log_probs(selected, inverse, ids_t).tolist()
         out = [[0.0] * len(c) for c in batch["choice_ids"]]
         for (b, j), lp in zip(owner, token_logp):
             out[b][j] += lp
-        return out
+        if not greedy:
+            return out
+        best = [[True] * len(c) for c in batch["choice_ids"]]
+        for (b, j), top in zip(owner, mpu.vocab_parallel_is_argmax(selected, inverse, ids_t).tolist()):
+            best[b][j] = best[b][j] and top
+        return out, best
 
     @torch.inference_mode()
     def calculate_loss(self, batch) -> List[float]:

@@ -73,6 +73,22 @@ def encode_prompt(raw_text: str, tokenizer) -> EncodedPrompt:
                          use_gmask=mask_name == "[gMASK]", english=raw_text.isascii())
 
 
+def encode_prompt_ids(ids: Sequence[int], tokenizer) -> EncodedPrompt:
+    """encode_prompt for a prompt given as token ids (mask ids in place): the same mask choice and the same
+    appended [gMASK] / eos; `text` is the ids detokenized."""
+    ids = [int(i) for i in ids]
+    found = [m for m in MASK_PRECEDENCE if tokenizer.get_command(m) in ids]
+    mask_name = next((m for m in MASK_PRECEDENCE[:2] if m in found), "[gMASK]")
+    text = tokenizer.detokenize(ids)
+    if not found:
+        ids.append(tokenizer.get_command("[gMASK]"))
+        text += " [gMASK]"
+    elif ids[-1] not in {tokenizer.get_command(m) for m in MASK_PRECEDENCE}:
+        ids.append(tokenizer.get_command("eos"))
+    return EncodedPrompt(text=text, ids=ids, mask_id=tokenizer.get_command(mask_name),
+                         use_gmask=mask_name == "[gMASK]", english=text.isascii())
+
+
 def generation_invalid_slices(tokenizer, end_tokens: Optional[Sequence[int]] = None) -> List[slice]:
     """Ids generation must never pick: all but the tokenizer's text ids and the end tokens.
 

@@ -13,6 +13,11 @@ blanks left to right, each round re-entering as a new prefill (as `fill_blanks` 
 Token choice is the generation layer's `BaseStrategy` (one per sequence: its temperature, top-k, top-p, seed),
 so greedy output is generate.py's. Beam search requests run `fill_blanks` whole, outside the batch (`run_beam`).
 
+Echo requests read the prompt as the evaluation's language model does (`[gMASK] sop text`, generation/scoring.py)
+and continue that reading: those with max_tokens 0 or 1 need no decode step and are scored together, many per
+forward (`score`, the token of max_tokens 1 taken from the same forward); longer ones prefill their window through
+the cache (`_echo_prefill`) and decode in the batch like any other row.
+
 Every rank of a tensor-parallel group runs the same `Engine.apply(work)` calls in the same order; sampled ids are
 broadcast from the source rank inside the strategy, so all ranks hold the same state and the same events.
 
@@ -22,19 +27,21 @@ event; its slot is freed and its cache row zeroed (masked columns still meet the
 checks read the gathered logits and broadcast ids, so every TP rank decides alike, and the ranks agree on the
 failed slots after each apply. What `apply` raises outside one sequence's work is an engine-level failure.
 """
+import math
 import os
 import traceback
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from generation.blank_filling import (_Output, _splice, encode_prompt, fill_blanks, generation_invalid_slices,
-                                      generation_layout, round_budget)
+from generation.blank_filling import (MASK_PRECEDENCE, _Output, _splice, encode_prompt, encode_prompt_ids,
+                                      fill_blanks, generation_invalid_slices, generation_layout, round_budget)
 from generation.faults import FaultInjection, SequenceFault
+from generation.scoring import TokenLogprob, echo_layout, score_texts, window_logprobs
 from generation.strategies import BaseStrategy, BeamSearchStrategy, _invalid_mask
 from model import KVCache, mpu
-from model.layout import collate_layouts, language_model_window
+from model.layout import collate_layouts
 
 _UNLIMITED = 1 << 30  # out_seq_length when max_tokens is the per-blank cap
 
@@ -51,17 +58,16 @@ class SequenceSpec:
     seed: Optional[int] = None
     stop: Tuple[str, ...] = ()
     logprobs: Optional[int] = None  # alternatives per token; None: no log-probs
-    echo: bool = False  # score the prompt's own tokens first
+    echo: bool = False  # score the prompt's own tokens first (generation/scoring.py), and continue that reading
+    ids: Optional[Tuple[int, ...]] = None  # the prompt as token ids (always set with echo: the ids scored)
     num_beams: int = 1
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
 
 
-@dataclass
-class TokenLogprob:
-    token: str
-    logprob: float
-    top: Dict[str, float]
+def is_scoring(spec: SequenceSpec) -> bool:
+    """An echo request that needs no decode step (max_tokens 0 or 1): scored in a batch by `Engine.score`."""
+    return spec.echo and spec.max_tokens <= 1
 
 
 @dataclass
@@ -97,9 +103,14 @@ class _Round:
 
 
 class _Sequence:
-    def __init__(self, spec: SequenceSpec, tokenizer, end_tokens, invalid, slot: int):
-        self.spec, self.slot = spec, slot
-        self.prompt = encode_prompt(spec.text, tokenizer)
+    def __init__(self, spec: SequenceSpec, tokenizer, end_tokens, invalid, slot: Optional[int]):
+        self.spec, self.slot = spec, slot  # slot None: a scoring request, never in the batch
+        if spec.ids is not None:
+            self.prompt = encode_prompt_ids(spec.ids, tokenizer)
+            self.has_mask = any(tokenizer.get_command(m) in spec.ids for m in MASK_PRECEDENCE)
+        else:
+            self.prompt = encode_prompt(spec.text, tokenizer)
+            self.has_mask = any(m in spec.text for m in MASK_PRECEDENCE)
         self.output = _Output(seq=list(self.prompt.ids))
         self.strategy = _sampling_strategy(spec, end_tokens, invalid)
         self.round: Optional[_Round] = None
@@ -119,6 +130,13 @@ def _describe(error: Exception) -> str:
     return f"internal error: {type(error).__name__}: {message}{where}"
 
 
+def _finite_logprobs(logprobs: List[TokenLogprob]) -> List[TokenLogprob]:
+    """The scored tokens' log-probs, checked: a non-finite one (a model fault) fails the request, never reaches JSON."""
+    if any(e.logprob is not None and not math.isfinite(e.logprob) for e in logprobs):
+        raise SequenceFault("the model produced non-finite log-probs (NaN or Inf) for this prompt")
+    return logprobs
+
+
 def _sampling_strategy(spec: SequenceSpec, end_tokens, invalid) -> BaseStrategy:
     generator = None if spec.seed is None else torch.Generator().manual_seed(spec.seed)
     greedy = spec.temperature == 0
@@ -128,7 +146,8 @@ def _sampling_strategy(spec: SequenceSpec, end_tokens, invalid) -> BaseStrategy:
 
 
 class Engine:
-    """Runs `apply(work)` steps: cancel, beam jobs, at most one prefill, then one decode step for every live row."""
+    """Runs `apply(work)` steps: cancel, beam jobs, one scoring batch, at most one prefill, then one decode step for
+    every live row."""
 
     def __init__(self, model, tokenizer, slots: int = 8, max_sequence_length: Optional[int] = None):
         self.model, self.tokenizer = model, tokenizer
@@ -158,8 +177,9 @@ class Engine:
 
     # --- one iteration -----------------------------------------------------------------------------------------
     def apply(self, work: dict) -> List[Event]:
-        """work: {"cancel": [seq ids], "beam": [specs], "admit": [spec] (at most one)}; the same on every rank.
-        A sequence's own failure ends it with an error event; an exception from apply is an engine-level failure."""
+        """work: {"cancel": [seq ids], "beam": [specs], "score": [echo specs with max_tokens <= 1], "admit": [spec]
+        (at most one)}; the same on every rank. A sequence's own failure ends it with an error event; an exception
+        from apply is an engine-level failure."""
         events: List[Event] = []
         self._failed_slots = set()
         for seq_id in work.get("cancel", ()):
@@ -167,6 +187,8 @@ class Engine:
         for spec in work.get("beam", ()):
             self._isolated(events, spec.seq_id, None, lambda s: events.append(self.run_beam(s)), spec)
         with torch.inference_mode():
+            if work.get("score"):
+                events += self.score(work["score"])
             prefilled = self._prefill_waiting(events)
             if work.get("admit") and not prefilled:  # the scheduler sends one only when can_admit()
                 spec = work["admit"][0]
@@ -237,13 +259,63 @@ class Engine:
     def _admit(self, spec: SequenceSpec, events: List[Event]) -> None:
         slot = self.slots.index(None)
         seq = _Sequence(spec, self.tokenizer, self.end_tokens, self.invalid, slot)
-        if spec.echo:
-            events.append(self._echo(seq))
-        if spec.max_tokens == 0:
-            events.append(self._finish(seq, "length", free=False))
-            return
         self.slots[slot] = seq
-        self._prefill(seq, events)
+        if spec.echo:
+            self._echo_prefill(seq, events)
+        else:
+            self._prefill(seq, events)
+
+    # --- echo: the prompt scored as a language-model window, the completion continuing that reading ------------
+    def score(self, specs: Sequence[SequenceSpec]) -> List[Event]:
+        """Echo requests that need no decode step (max_tokens 0 or 1), all in one forward: their prompts' log-probs
+        and, with max_tokens 1, the token chosen from the same forward's last row. The forward is the work of every
+        request in it (its failure fails each); what follows is each request's own."""
+        try:
+            results = score_texts(self.model, self.tokenizer, [s.ids for s in specs],
+                                  [s.logprobs or 0 for s in specs], [s.max_tokens > 0 for s in specs])
+        except Exception as e:  # noqa: BLE001 - contained to the requests of this forward
+            return [self._fail(spec.seq_id, e) for spec in specs]
+        events: List[Event] = []
+        for spec, (logprobs, next_logits) in zip(specs, results):
+            self._isolated(events, spec.seq_id, None, self._scored, spec, logprobs, next_logits, events)
+        return events
+
+    def _scored(self, spec: SequenceSpec, logprobs: List[TokenLogprob], next_logits: Optional[torch.Tensor],
+                events: List[Event]) -> None:
+        seq = _Sequence(spec, self.tokenizer, self.end_tokens, self.invalid, None)
+        events.append(Event(spec.seq_id, logprobs=_finite_logprobs(logprobs)))  # the server sends the prompt itself
+        if next_logits is None:
+            events.append(self._finish(seq, "length"))
+            return
+        seq.round = self._echo_round(seq, 1)
+        seq.needs_prefill = False
+        seq.strategy.prepare(1)
+        self._take(seq, next_logits, events, self._check_logits(next_logits.view(1, -1))[0])
+
+    def _echo_round(self, seq: _Sequence, budget: int, start: int = 0) -> _Round:
+        """The round that continues an echo window: every token causal after [gMASK], positions counting on."""
+        ctx = len(echo_layout(seq.spec.ids, self.tokenizer, next_token=True))
+        n = ctx + budget
+        blocked = ~torch.ones((n, n), dtype=torch.bool).tril()
+        return _Round(ctx, torch.arange(n), blocked, budget, seq.output.seq.index(seq.prompt.mask_id), start=start)
+
+    def _echo_prefill(self, seq: _Sequence, events: List[Event]) -> None:
+        """An echo request with max_tokens > 1: score its window through the KV cache, take the first token from
+        the window's last row, and go on decoding in the batch."""
+        layout = echo_layout(seq.spec.ids, self.tokenizer, next_token=True)
+        batch = collate_layouts([layout])
+        c = len(layout)
+        small = KVCache(self.model, 1, c)
+        shard = self.model.forward_with_cache(batch["tokens"].to(self.device), batch["position_ids"].to(self.device),
+                                              batch["attention_mask"].to(self.device), small, parallel_output=True)
+        n = c - 1  # rows 1..c-2 score the text, row c-1 predicts the token after it
+        logprobs = window_logprobs(self.tokenizer, seq.spec.ids, shard[0, 1:n], seq.spec.logprobs or 0)
+        events.append(Event(seq.spec.seq_id, logprobs=_finite_logprobs(logprobs)))
+        seq.needs_prefill = False
+        seq.round = self._echo_round(seq, seq.spec.max_tokens, start=self._place(seq, small, c))
+        seq.strategy.prepare(1)
+        logits = mpu.gather_from_model_parallel_region(shard[0, n])
+        self._take(seq, logits, events, self._check_logits(logits.view(1, -1))[0])
 
     def _prefill_waiting(self, events: List[Event]) -> bool:
         """Re-enter the first sequence waiting for its next blank's prefill; whether one was run."""
@@ -354,7 +426,7 @@ class Engine:
         self.decode_tokens += 1
         event = Event(seq.spec.seq_id)
         if seq.spec.logprobs is not None:
-            event.logprobs.append(self._token_logprob(logits, token, seq.spec.logprobs))
+            event.logprobs.append(self._token_logprob(seq, logits, token))
         ended = token in self.end_tokens
         stopped = not ended and self._hits_stop(seq)
         if stopped:
@@ -384,7 +456,7 @@ class Engine:
     # --- text ----------------------------------------------------------------------------------------------------
     def _continuation_only(self, seq: _Sequence) -> bool:
         """A prompt without a mask ([gMASK] appended): its text is the continuation alone (OpenAI's meaning)."""
-        return not any(m in seq.spec.text for m in ("[MASK]", "[sMASK]", "[gMASK]"))
+        return not seq.has_mask
 
     def _hits_stop(self, seq: _Sequence) -> bool:
         if not seq.spec.stop:
@@ -434,7 +506,7 @@ class Engine:
             text = self._visible(seq, blanks[0] if blanks else "", final=True)
         else:
             text = self.tokenizer.detokenize(ids)
-        if free and self.slots[seq.slot] is seq:
+        if free and seq.slot is not None and self.slots[seq.slot] is seq:
             self.slots[seq.slot] = None
         if self.live() == 0:
             self.cache.length = 0
@@ -452,20 +524,17 @@ class Engine:
         return []
 
     # --- log-probs -----------------------------------------------------------------------------------------------
-    def _token_logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    def _token_logprob(self, seq: _Sequence, logits: torch.Tensor, token: int) -> TokenLogprob:
+        """The token just taken (last in its round): the text it adds to the blank ("" for an end token, which is not
+        part of the text), its log-prob and the best alternatives."""
         logp = torch.log_softmax(logits.float(), dim=-1)
-        return TokenLogprob(self.tokenizer.detokenize([token]), float(logp[token]), self._top(logp, top))
-
-    def _top(self, logp: torch.Tensor, top: int) -> Dict[str, float]:
-        if top <= 0:
-            return {}
-        values, ids = torch.topk(logp, top)
-        return {self.tokenizer.detokenize([i]): float(v) for v, i in zip(values.tolist(), ids.tolist())}
-
-    def _echo(self, seq: _Sequence) -> Event:
-        ids = self.tokenizer.tokenize(seq.spec.text)
-        logprobs = score_tokens(self.model, self.tokenizer, ids, seq.spec.logprobs or 0)
-        return Event(seq.spec.seq_id, logprobs=logprobs)  # the server sends the prompt text itself
+        generated = [t for t in seq.round.tokens if t not in self.end_tokens]
+        text = "" if token in self.end_tokens else self.tokenizer.token_texts(generated, len(generated) - 1)[0]
+        top = {}
+        if seq.spec.logprobs > 0:
+            values, ids = torch.topk(logp, seq.spec.logprobs)
+            top = {self.tokenizer.id_text(i): float(v) for v, i in zip(values.tolist(), ids.tolist())}
+        return TokenLogprob(text, float(logp[token]), top)
 
     # --- beam search, outside the batch ----------------------------------------------------------------------------
     def run_beam(self, spec: SequenceSpec) -> Event:
@@ -485,25 +554,3 @@ class Engine:
                      result={"text": text, "blanks": blanks, "prompt_tokens": len(prompt.ids),
                              "completion_tokens": max(0, generated)})
 
-
-def score_tokens(model, tokenizer, ids: Sequence[int], top: int = 0) -> List[TokenLogprob]:
-    """log p(ids[k] | [gMASK] sop ids[:k]) of each token, as the evaluation scores a language-model window
-    (model.layout.language_model_window, vocabulary-parallel log-probs in fp32)."""
-    layout, targets = language_model_window([], list(ids), tokenizer.get_command("[gMASK]"),
-                                            tokenizer.get_command("sop"))
-    batch = collate_layouts([layout])
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        shard = model.logits(batch["tokens"].to(device), batch["position_ids"].to(device),
-                             batch["attention_mask"].to(device), parallel_output=True)[0]
-        rows = torch.arange(1, len(ids) + 1, device=shard.device)
-        chosen = mpu.vocab_parallel_log_probs(shard, rows, torch.as_tensor(list(ids), device=shard.device))
-        full = torch.log_softmax(mpu.gather_from_model_parallel_region(shard[rows].float()), dim=-1) if top else None
-    out = []
-    for k, token in enumerate(ids):
-        alternatives = {}
-        if top:
-            values, alt = torch.topk(full[k], top)
-            alternatives = {tokenizer.detokenize([i]): float(v) for v, i in zip(values.tolist(), alt.tolist())}
-        out.append(TokenLogprob(tokenizer.detokenize([token]), float(chosen[k]), alternatives))
-    return out

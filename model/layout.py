@@ -137,10 +137,12 @@ def round_sample(tokens: Sequence[int], mask_position: int, max_gen_length: int,
     return {"layout": layout, "target_position_ids": targets}
 
 
-def language_model_window(prompt: List[int], text: List[int], mask_id: int, sop_id: int) -> Tuple[Layout, np.ndarray]:
+def language_model_window(prompt: List[int], text: List[int], mask_id: int, sop_id: int,
+                          next_token: bool = False) -> Tuple[Layout, np.ndarray]:
     """`prompt + [gMASK, sop] + text[:-1]`: the prompt (with the mask) bidirectional, the text causal after it.
-    Returns the layout and the targets (`prompt + [mask] + text`: the text's next tokens)."""
-    input_ids = list(prompt) + [mask_id, sop_id] + list(text[:-1])
+    Returns the layout and the targets (`prompt + [mask] + text`: the text's next tokens). next_token: the input
+    holds the whole text, so its last row predicts the token after it (the targets stay the same)."""
+    input_ids = list(prompt) + [mask_id, sop_id] + list(text if next_token else text[:-1])
     p = len(prompt) + 1
     layout = Layout(np.asarray(input_ids, dtype=np.int64), np.arange(len(input_ids), dtype=np.int64), p,
                     segments=[(p, len(input_ids))])

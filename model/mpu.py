@@ -188,7 +188,9 @@ def _vocab_parallel_log_z(logits: torch.Tensor) -> torch.Tensor:
     """log Σ exp over the whole (sharded) vocabulary of each row of fp32 `logits` [..., V/mp]."""
     row_max = logits.max(dim=-1).values
     all_reduce_model_parallel(row_max, dist.ReduceOp.MAX if get_model_parallel_world_size() > 1 else None)
-    sum_exp = (logits - row_max.unsqueeze(-1)).exp().sum(dim=-1)
+    # Terms below e^-80 cannot change an fp32 sum that is at least 1 (the max term); clamping keeps exp out of
+    # subnormal results, which x86 computes many times slower (a random model's logits span hundreds of nats).
+    sum_exp = (logits - row_max.unsqueeze(-1)).clamp_(min=-80.0).exp_().sum(dim=-1)
     all_reduce_model_parallel(sum_exp)
     return row_max + sum_exp.log()
 
@@ -216,6 +218,31 @@ def vocab_parallel_log_probs(logits: torch.Tensor, rows: torch.Tensor, ids: torc
     """log softmax(logits[rows[n]])[ids[n]] for each n, from vocab-sharded rows `logits` [R, V/mp] (fp32)."""
     logits = logits.float()
     return _vocab_parallel_pick(logits, ids, rows) - _vocab_parallel_log_z(logits)[rows]
+
+
+def vocab_parallel_scores(logits: torch.Tensor, ids: torch.Tensor, k: int):
+    """For each row n of vocab-sharded `logits` [N, V/mp]: log softmax[ids[n]], and the k largest log softmax values
+    with their global ids ([N, k] each; k may be 0), without gathering the vocabulary: each rank's k best,
+    gathered, then the best k of those."""
+    logits = logits.float()
+    log_z = _vocab_parallel_log_z(logits)
+    chosen = _vocab_parallel_pick(logits, ids) - log_z
+    if k == 0:
+        empty = logits.new_zeros((logits.shape[0], 0))
+        return chosen, empty, empty.long()
+    values, top = torch.topk(logits, k, dim=-1)
+    values = gather_from_model_parallel_region(values - log_z.unsqueeze(-1))
+    top = gather_from_model_parallel_region(top + get_model_parallel_rank() * logits.shape[-1])
+    best, where = torch.topk(values, k, dim=-1)
+    return chosen, best, top.gather(-1, where)
+
+
+def vocab_parallel_is_argmax(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Whether ids[n] has the largest logit of row rows[n] of vocab-sharded `logits` [R, V/mp] (bool [N])."""
+    logits = logits.float()
+    row_max = logits.max(dim=-1).values
+    all_reduce_model_parallel(row_max, dist.ReduceOp.MAX if get_model_parallel_world_size() > 1 else None)
+    return _vocab_parallel_pick(logits, ids, rows) >= row_max[rows]
 
 
 def print_rank_0(*args, **kwargs) -> None:

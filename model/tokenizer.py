@@ -5,8 +5,9 @@ Ids: [0, 20000) are icetk's image tokens (only 0 is used, as padding), text id =
 special tokens are hard-coded right after icetk's 130000 text pieces (150000..150007); eos is the SP `</s>` (20002).
 """
 import os
+import re
 import warnings
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import sentencepiece as spm
 
@@ -27,6 +28,12 @@ PAD_ID = 0
 _RENDERED = {i: f"[{name}]" for name, i in SPECIAL_IDS.items()}
 _RENDERED[SPECIAL_IDS["eos"]] = "[</s>]"
 _RENDERED[PAD_ID] = "[pad]"
+
+# How a text written to the tokenizer API (the server's /tokenize, echo prompts) names a special token: the masks as
+# prompts write them, the others as detokenize renders them (so "[sop]" + text reads back as sop + the text's ids).
+SPELLED = {name if name.startswith("[") else _RENDERED[i]: i for name, i in SPECIAL_IDS.items()}
+_SPELLED_PATTERN = re.compile("|".join(re.escape(s) for s in sorted(SPELLED, key=len, reverse=True)))
+_TOKEN_CONTEXT = 4  # ids decoded before each one when splitting a text into its tokens' strings
 
 
 class IceTokenizer:
@@ -101,6 +108,41 @@ class IceTokenizer:
             run = []
         out.append(self.decode(run))
         return "".join(out)
+
+    def knows(self, i: int) -> bool:
+        """Whether detokenize takes id i: a text id, a special token or pad."""
+        return int(i) in _RENDERED or NUM_IMAGE_TOKENS <= int(i) < NUM_IMAGE_TOKENS + self.piece_count
+
+    def id_text(self, i: int) -> str:
+        """One id as text, for any id the model can score: detokenize([i]), or "[id N]" for an id detokenize does
+        not take (icetk's image tokens, the model's padding rows)."""
+        return self.detokenize([i]) if self.knows(i) else f"[id {int(i)}]"
+
+    def tokenize_spelled(self, text: str) -> List[int]:
+        """tokenize() of the text between the special tokens written as in SPELLED ("[sop]", "[MASK]", ...)."""
+        ids, start = [], 0
+        for match in _SPELLED_PATTERN.finditer(text):
+            ids += self.tokenize(text[start:match.start()]) if match.start() > start else []
+            ids.append(SPELLED[match.group()])
+            start = match.end()
+        return ids + (self.tokenize(text[start:]) if start < len(text) else [])
+
+    def token_texts(self, ids: Sequence[int], start: int = 0) -> List[str]:
+        """The text each of ids[start:] adds to detokenize(ids): the strings concatenate to what detokenize(ids)
+        adds after detokenize(ids[:start]). A character made of several byte pieces goes to the piece that
+        completes it. Each piece is decoded after a few of its predecessors (the same ones before and after it), so
+        SentencePiece's leading-space rule treats it as inside the whole text, in O(len(ids)) decodes."""
+        ids = [int(i) for i in ids]
+        texts, done = [], start  # ids[:done] are accounted for
+        for k in range(start, len(ids)):
+            left = max(0, done - _TOKEN_CONTEXT)
+            before, after = self.detokenize(ids[left:done]), self.detokenize(ids[left:k + 1])
+            if k + 1 < len(ids) and after.endswith("\ufffd"):
+                texts.append("")  # an incomplete character: its text comes with the piece that completes it
+                continue
+            texts.append(after[len(before):])
+            done = k + 1
+        return texts
 
     def _check_text_id(self, i: int) -> None:
         if not NUM_IMAGE_TOKENS <= i < NUM_IMAGE_TOKENS + self.piece_count:

@@ -1,4 +1,5 @@
-"""The HTTP side (FastAPI): /v1/completions (JSON or Server-Sent Events), /v1/models, /health, /metrics.
+"""The HTTP side (FastAPI): /v1/completions (JSON or Server-Sent Events), /v1/models, /health, /metrics, and the
+tokenizer endpoints lm-evaluation-harness probes (server/tokenizer_api.py).
 
 Requests are checked (server/protocol.py), queued on the scheduler, and answered from the events the engine
 thread sends back; a streaming client that goes away has its sequences cancelled, which frees their slots.
@@ -16,40 +17,19 @@ from typing import Dict, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from generation.engine import Event
-from server.protocol import (ApiError, CompletionRequest, Limits, body_too_large, chunk, completion_id,
-                             logprobs_body, now, parse_completion, usage_body)
+from server.http_io import error_response, log_error, read_body, route_of
+from server.protocol import (ApiError, CompletionRequest, Limits, chunk, completion_id, logprobs_body, now,
+                             parse_completion, usage_body)
 from server.scheduler import QueueFull
+from server.tokenizer_api import add_tokenizer_routes
 
 DISCONNECT_POLL_S = 1.0
 COMPLETIONS = "POST /v1/completions"
-
-
-def log_error(route: str, error: ApiError) -> None:
-    """One console line per request answered with an error: status, route, the field at fault, the message."""
-    print(f"> {error.status} {route} ({error.param or '-'}): {error.message}", flush=True)
-
-
-def error_response(error: ApiError, route: str) -> JSONResponse:
-    log_error(route, error)
-    return JSONResponse(error.body(), status_code=error.status)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 past `limit` bytes: from Content-Length before reading, else while reading."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise body_too_large(limit, int(declared))
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise body_too_large(limit)
-    return bytes(body)
 
 
 def generation_error(flight: "_Request", scheduler) -> ApiError:
@@ -65,6 +45,7 @@ class _Choice:
     def __init__(self, index: int, prompt: str, echo: bool):
         self.index, self.prompt = index, prompt
         self.text = prompt if echo else ""
+        self.offset = 0 if echo else len(prompt)  # text_offset counts from the prompt's start (OpenAI's meaning)
         self.streamed = False  # whether a stream chunk of this choice was sent
         self.logprobs = []
         self.finish_reason = None
@@ -79,7 +60,7 @@ class _Choice:
 
     def body(self, want_logprobs: bool) -> dict:
         out = {"index": self.index, "text": self.text, "finish_reason": self.finish_reason,
-               "logprobs": logprobs_body(self.logprobs) if want_logprobs else None}
+               "logprobs": logprobs_body(self.logprobs, self.offset) if want_logprobs else None}
         out["blanks"] = self.result["blanks"] if self.result else []
         return out
 
@@ -127,23 +108,22 @@ def build_app(scheduler, tokenizer, limits: Limits, metrics) -> FastAPI:
         with lock:
             return next(counter)
 
-    def route(request: Request) -> str:
-        return f"{request.method} {request.url.path}"
-
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(ApiError(exc.status_code, str(exc.detail), None, kind), route(request))
+        return error_response(ApiError(exc.status_code, str(exc.detail), None, kind), route_of(request))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
-        return error_response(ApiError(400, "invalid request"), route(request))
+        return error_response(ApiError(400, "invalid request"), route_of(request))
+
+    add_tokenizer_routes(app, tokenizer, limits, metrics)
 
     @app.get("/health")
     async def health(request: Request):
         if not scheduler.alive():
             return error_response(ApiError(503, "the engine has failed; the server is exiting", None,
-                                            "server_error"), route(request))
+                                            "server_error"), route_of(request))
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -162,7 +142,7 @@ def build_app(scheduler, tokenizer, limits: Limits, metrics) -> FastAPI:
         metrics.request("bad_request")
         return error_response(ApiError(400, "chat completions are not supported: GLM-130B is not a chat model; use "
                                             "/v1/completions (with [MASK] or [gMASK] for blank filling)"),
-                              route(request))
+                              route_of(request))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -239,7 +219,7 @@ def _delta(flight: _Request, choice: _Choice, event: Event, offsets: List[int]) 
 
 async def _stream(flight: _Request, scheduler, limits: Limits, metrics):
     finished = False
-    offsets = [0] * len(flight.choices)
+    offsets = [c.offset for c in flight.choices]
     try:
         while flight.open:
             event = await flight.events.get()

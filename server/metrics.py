@@ -17,6 +17,7 @@ class Metrics:
         self.ttft_buckets = [0] * len(TTFT_BUCKETS)
         self.ttft_sum, self.ttft_count = 0.0, 0
         self.step_seconds, self.steps = 0.0, 0
+        self.scoring_batches, self.scored_prompts = 0, 0
         self.recent = deque()  # (time, tokens) of recent iterations: the tokens/s gauge
 
     def request(self, outcome: str) -> None:
@@ -45,6 +46,11 @@ class Metrics:
             while self.recent and self.recent[0][0] < now - RATE_WINDOW_S:
                 self.recent.popleft()
 
+    def scoring_batch(self, prompts: int) -> None:
+        with self.lock:
+            self.scoring_batches += 1
+            self.scored_prompts += prompts
+
     def tokens_per_second(self) -> float:
         now = time.monotonic()
         with self.lock:
@@ -71,6 +77,10 @@ class Metrics:
             lines += _metric("glm_time_to_first_token_seconds", "histogram",
                              "From queueing a sequence to its first token.", buckets)
             lines += _metric("glm_engine_steps_total", "counter", "Engine iterations.", [("", self.steps)])
+            lines += _metric("glm_scoring_batches_total", "counter", "Forwards that scored echo requests together.",
+                             [("", self.scoring_batches)])
+            lines += _metric("glm_scored_prompts_total", "counter", "Echo prompts scored in those forwards.",
+                             [("", self.scored_prompts)])
         return "\n".join(lines) + "\n"
 
 

@@ -17,9 +17,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from generation.blank_filling import MASK_PATTERN, check_prompt, encode_prompt
+from generation.blank_filling import MASK_PATTERN, MASK_PRECEDENCE, check_prompt, encode_prompt, encode_prompt_ids
 from generation.engine import SequenceSpec, TokenLogprob
+from generation.scoring import scored_part
 from model.errors import UserError
+from model.tokenizer import SPECIAL_IDS, text_id_range
 
 MAX_STOP = 4
 MAX_LOGPROBS = 20
@@ -29,6 +31,7 @@ MAX_LENGTH_PENALTY = 10.0  # |length_penalty|: ((5 + length) / 6) ** 10 stays fa
 SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
 TEMPERATURE_FLOOR = 1e-5  # below it (0 included) a request is greedy
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+SPECIAL_TOKEN_IDS = set(SPECIAL_IDS.values())
 OPENAI_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "n", "seed", "stream",
                  "stream_options", "logprobs", "echo", "user", "best_of", "presence_penalty", "frequency_penalty",
                  "logit_bias", "suffix"}
@@ -58,7 +61,7 @@ class Limits:
 
 @dataclass
 class CompletionRequest:
-    prompts: List[str]
+    prompts: List[str]  # the texts (a token-id prompt detokenized)
     n: int
     stream: bool
     include_usage: bool
@@ -157,19 +160,40 @@ def _boolean(body, name, default=False):
     return value
 
 
-def _prompts(body) -> List[str]:
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                            for i in value)
+
+
+def _prompts(body) -> list:
+    """The prompts: each a string or a list of token ids (the OpenAI forms: a string, a list of strings, a list of
+    ids, a list of lists of ids)."""
     prompt = body.get("prompt")
     if prompt is None:
         raise _bad("prompt is required", "prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise _bad("prompt must be a string or a non-empty list of strings (token-id prompts are not supported)",
-                   "prompt")
-    if any(not p.strip() for p in prompts):
+    prompts = [prompt] if isinstance(prompt, str) or _is_ids(prompt) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) or _is_ids(p) for p in prompts):
+        raise _bad("prompt must be a string, a list of token ids, or a non-empty list of either", "prompt")
+    if any(isinstance(p, str) and not p.strip() for p in prompts):
         raise _bad("prompt is empty", "prompt")
     for p in prompts:
-        check_text(p, "prompt")
+        if isinstance(p, str):
+            check_text(p, "prompt")
     return prompts
+
+
+def _check_ids(ids: List[int], tokenizer, echo: bool) -> None:
+    """Token ids a prompt may hold: text ids, the masks (generation) or a leading sop (echo)."""
+    lo, hi = text_id_range(tokenizer)
+    masks = {tokenizer.get_command(m) for m in MASK_PRECEDENCE}
+    sop = tokenizer.get_command("sop")
+    for k, i in enumerate(ids):
+        if lo <= i < hi or (i in masks and not echo) or (i == sop and k == 0 and echo):
+            continue
+        what = f"the special token {tokenizer.id_text(i)}" if i in SPECIAL_TOKEN_IDS else "not a text token"
+        allowed = "text ids and a leading [sop] (echo)" if echo else "text ids and [MASK]/[sMASK]/[gMASK]"
+        raise _bad(f"prompt token {k} (id {i}) is {what}: a prompt takes {allowed}; text ids are {lo}..{hi - 1}",
+                   "prompt")
 
 
 def _stop(body) -> tuple:
@@ -212,29 +236,56 @@ def _check_model(body, limits: Limits) -> None:
                        "not_found_error")
 
 
-def _check_prompt(text: str, tokenizer, max_tokens: int, echo: bool, limits: Limits) -> None:
-    kinds = sorted(set(MASK_PATTERN.findall(text)))
-    if len(kinds) > 1:
-        raise _bad(f"the prompt mixes {' and '.join(kinds)}: GLM fills one mask kind per prompt (the original "
-                   f"leaves the others as literal tokens); use one kind", "prompt")
-    if echo and kinds:
-        raise _bad("echo scores a plain text: it cannot be combined with a prompt holding a mask", "echo")
-    _check_prompt_chars(text, limits)
+def _check_prompt(prompt, tokenizer, max_tokens: int, echo: bool, limits: Limits) -> Optional[List[int]]:
+    """The checked prompt (a text or ids); returns its ids where the engine takes ids (echo, or ids given)."""
+    if isinstance(prompt, str):
+        kinds = sorted(set(MASK_PATTERN.findall(prompt)))
+        if len(kinds) > 1:
+            raise _bad(f"the prompt mixes {' and '.join(kinds)}: GLM fills one mask kind per prompt (the original "
+                       f"leaves the others as literal tokens); use one kind", "prompt")
+        if echo and kinds:
+            raise _bad("echo scores a plain text: it cannot be combined with a prompt holding a mask", "echo")
+        _check_prompt_chars(prompt, limits)
+    if echo:
+        ids = prompt if not isinstance(prompt, str) else tokenized(tokenizer.tokenize_spelled, prompt)
+        return _check_echo(ids, tokenizer, max_tokens, limits)
+    if isinstance(prompt, str):
+        encoded = tokenized(lambda text: encode_prompt(text, tokenizer), prompt)
+    else:
+        _check_ids(prompt, tokenizer, echo=False)
+        encoded = encode_prompt_ids(prompt, tokenizer)
     try:
-        prompt = encode_prompt(text, tokenizer)
-    except Exception as e:  # noqa: BLE001 - whatever the tokenizer cannot encode is the prompt's fault
-        raise _bad(f"the prompt cannot be tokenized ({type(e).__name__})", "prompt") from None
-    try:
-        check_prompt(prompt, 1 << 30, max(1, max_tokens), limits.max_sequence_length)
+        check_prompt(encoded, 1 << 30, max(1, max_tokens), limits.max_sequence_length)
     except UserError as e:
         raise _bad(str(e).replace("--max-sequence-length", "the model's sequence length"), "prompt") from None
-    needed = len(prompt.ids) + 1 + max_tokens
+    needed = len(encoded.ids) + 1 + max_tokens
     if needed > limits.max_sequence_length:
-        raise _bad(f"the prompt is {len(prompt.ids) + 1} tokens (with the added mask, eos and sop); with max_tokens "
+        raise _bad(f"the prompt is {len(encoded.ids) + 1} tokens (with the added mask, eos and sop); with max_tokens "
                    f"{max_tokens} that is {needed}, more than the model's {limits.max_sequence_length}",
                    "max_tokens")
-    if echo and len(tokenizer.tokenize(text)) + 1 > limits.max_sequence_length:
-        raise _bad("the prompt is too long to score", "prompt")
+    return None if isinstance(prompt, str) else list(prompt)
+
+
+def tokenized(encode, text: str):
+    """encode(text); whatever the tokenizer cannot encode is a 400 naming the prompt."""
+    try:
+        return encode(text)
+    except Exception as e:  # noqa: BLE001 - whatever the tokenizer cannot encode is the prompt's fault
+        raise _bad(f"the prompt cannot be tokenized ({type(e).__name__})", "prompt") from None
+
+
+def _check_echo(ids: List[int], tokenizer, max_tokens: int, limits: Limits) -> List[int]:
+    """An echo prompt's ids: scored as `[gMASK] sop text`, so text + 1 + max_tokens positions must fit."""
+    _check_ids(ids, tokenizer, echo=True)
+    scored = len(scored_part(ids, tokenizer.get_command("sop")))
+    if scored == 0:
+        raise _bad("echo has no token to score: the prompt is only [sop]", "prompt")
+    needed = scored + 1 + max_tokens
+    if needed > limits.max_sequence_length:
+        raise _bad(f"the prompt has {scored} tokens to score; with [gMASK] and max_tokens {max_tokens} that is "
+                   f"{needed} positions, more than the model's {limits.max_sequence_length} (lm-eval: pass "
+                   f"max_length={limits.max_sequence_length - 1} in --model_args)", "prompt")
+    return ids
 
 
 def _check_prompt_chars(text: str, limits: Limits) -> None:
@@ -281,17 +332,20 @@ def parse_completion(raw: bytes, tokenizer, limits: Limits, next_id) -> Completi
     if num_beams > 1 and (stream or n > 1 or logprobs is not None or echo or stop):
         raise _bad("beam search (num_beams > 1) returns one answer per prompt, without streaming, logprobs, echo or "
                    "stop", "num_beams")
+    if num_beams > 1 and not all(isinstance(p, str) for p in prompts):
+        raise _bad("beam search (num_beams > 1) takes text prompts, not token ids", "num_beams")
     if len(prompts) * n > limits.max_queue:
         raise ApiError(400, f"the request asks for {len(prompts) * n} sequences, more than the server queues "
                        f"({limits.max_queue})", "n")
-    for text in prompts:
-        _check_prompt(text, tokenizer, max_tokens, echo, limits)
+    ids = [_check_prompt(p, tokenizer, max_tokens, echo, limits) for p in prompts]
+    texts = [p if isinstance(p, str) else tokenizer.detokenize(p) for p in prompts]
     specs = [SequenceSpec(next_id(), text, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=None if seed is None else (seed + choice) % 2 ** 64,
                           stop=stop, logprobs=logprobs, echo=echo, num_beams=num_beams,
-                          length_penalty=length_penalty, no_repeat_ngram_size=no_repeat)
-             for text in prompts for choice in range(n)]
-    return CompletionRequest(prompts, n, stream, include_usage, echo, logprobs, specs)
+                          length_penalty=length_penalty, no_repeat_ngram_size=no_repeat,
+                          ids=None if prompt_ids is None else tuple(prompt_ids))
+             for text, prompt_ids in zip(texts, ids) for choice in range(n)]
+    return CompletionRequest(texts, n, stream, include_usage, echo, logprobs, specs)
 
 
 # --- responses ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Rank 0's engine thread: a bounded queue of sequences, one `Engine.apply` per iteration, events to the requests.
 
-Each iteration's work (cancellations, at most one newcomer or one beam-search job) is decided here and, under
-tensor parallelism, broadcast to the other ranks (`follow`), which apply the same work to their own engine.
+Each iteration's work (cancellations, the waiting echo requests that need no decode step packed into one scoring
+batch, at most one newcomer or one beam-search job) is decided here and, under tensor parallelism, broadcast to the
+other ranks (`follow`), which apply the same work to their own engine.
 
 A sequence's own fault ends that sequence inside `Engine.apply` (an error event). Anything `apply` raises is an
 engine-level failure (a TP rank lost, a CUDA error, a bug outside one sequence's work): every queued and running
@@ -16,10 +17,13 @@ import traceback
 from collections import deque
 from typing import Callable, Dict, List, Optional
 
-from generation.engine import Engine, Event, SequenceSpec
+from generation.engine import Engine, Event, SequenceSpec, is_scoring
 from model import mpu
 
 HEARTBEAT_S = 5.0  # an idle rank 0 still sends (empty) work this often: the other ranks' broadcasts never time out
+# With nothing decoding, a scoring batch that is not full waits this long for more echo requests: concurrent clients
+# whose previous answers just went out send their next requests within it, and they share one forward.
+SCORE_GATHER_S = 0.02
 STOP = {"stop": True}
 FATAL = {"fatal": True}  # rank 0's engine failed: every rank exits with ENGINE_FAILED_EXIT
 ENGINE_FAILED_EXIT = 3
@@ -108,11 +112,15 @@ class Scheduler:
         """Wait until there is something to do (or a heartbeat is due); the work of the next iteration."""
         with self.cond:
             deadline = time.monotonic() + HEARTBEAT_S
-            while not (self.stopping or self.cancelled or self.engine.live() or self._admissible()):
+            while not (self.stopping or self.cancelled or self.engine.live() or self._admissible()
+                       or any(is_scoring(s) for s in self.waiting)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return {}
                 self.cond.wait(min(left, 1.0))
+            deadline = time.monotonic() + SCORE_GATHER_S
+            while self._gathering() and time.monotonic() < deadline:
+                self.cond.wait(max(0.0, deadline - time.monotonic()))
             if self.stopping:
                 return STOP
             if self._drain_due():
@@ -121,13 +129,41 @@ class Scheduler:
                 self.cancelled += [s.spec.seq_id for s in self.engine.slots if s is not None]
             work = {"cancel": self.cancelled}
             self.cancelled = []
+            score = self._scoring_batch()
+            if score:
+                work["score"] = score
             if self._admissible():
                 spec = self.waiting.popleft()
                 work["beam" if spec.num_beams > 1 else "admit"] = [spec]
             return work
 
+    def _gathering(self) -> bool:
+        """Whether to wait for more echo requests: some wait, fewer than a batch, nothing else to do."""
+        if self.stopping or self.cancelled or self.engine.live() or self._admissible() or self.drain_at is not None:
+            return False
+        waiting = sum(is_scoring(s) for s in self.waiting)
+        return 0 < waiting < len(self.engine.slots)
+
+    def _scoring_batch(self) -> List[SequenceSpec]:
+        """The waiting echo requests that need no decode step, in queue order, as many as one forward takes: at most
+        --max-slots of them, right-padded to at most the model's sequence length in tokens."""
+        taken, longest = [], 0
+        for spec in self.waiting:
+            if not is_scoring(spec):
+                continue
+            longest = max(longest, len(spec.ids) + 2)
+            if len(taken) == len(self.engine.slots) or (taken and longest * (len(taken) + 1) >
+                                                         self.engine.max_sequence_length):
+                break
+            taken.append(spec)
+        if taken:
+            chosen = {id(s) for s in taken}
+            self.waiting = deque(s for s in self.waiting if id(s) not in chosen)
+        return taken
+
     def _admissible(self) -> bool:
-        return bool(self.waiting) and (self.waiting[0].num_beams > 1 or self.engine.can_admit())
+        return bool(self.waiting) and not is_scoring(self.waiting[0]) and (self.waiting[0].num_beams > 1
+                                                                            or self.engine.can_admit())
 
     def _run(self) -> None:
         try:
@@ -148,6 +184,8 @@ class Scheduler:
         if self.distributed:
             mpu.broadcast_object(work)
         start, tokens = time.perf_counter(), self.engine.decode_tokens
+        if work.get("score"):
+            self.metrics.scoring_batch(len(work["score"]))
         events = self.engine.apply(work)
         self.metrics.step(time.perf_counter() - start, self.engine.decode_tokens - tokens)
         return events

@@ -7,7 +7,7 @@ from tests.helpers import ROOT
 
 LAYER = {"kernels": 0, "model": 1, "quantization": 2, "generation": 3, "evaluation": 4, "server": 4,
          "benchmarking": 5, "tools": 5, "tasks": 5}
-ENTRY_SCRIPTS = {"initialize", "generate", "evaluate", "benchmark", "server"}
+ENTRY_SCRIPTS = {"initialize", "generate", "evaluate", "benchmark", "server", "lm_eval_harness"}
 
 
 def imported_packages(path):
@@ -40,3 +40,16 @@ def test_kernels_export_tensor_ops_only():
     for path in sorted((ROOT / "kernels").rglob("*.py")):
         names = set(imported_packages(path))
         assert not names & {"model", "quantization", "generation", "evaluation"}, path
+
+
+def test_only_the_lm_eval_entry_imports_the_lm_eval_model():
+    """evaluation/harness.py needs lm_eval; lm_eval_harness.py (scripts/lm_eval.sh) alone brings it in."""
+    users = []
+    for path in sorted(ROOT.glob("*.py")) + [p for package in LAYER for p in sorted((ROOT / package).rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) and node.module \
+                else []
+            if any(n.startswith("evaluation.harness") for n in names) and path.name != "lm_eval_harness.py":
+                users.append(str(path.relative_to(ROOT)))
+    assert not users, users

@@ -92,19 +92,27 @@ def test_echo_log_probs_equal_the_evaluation(client, demo_dir):
     result = client.completions.create(model="glm-130b", prompt=text, max_tokens=0, echo=True, logprobs=2)
     lp = result.choices[0].logprobs
     ids = tokenizer.tokenize(text)
-    assert result.choices[0].text == text and lp.tokens == [tokenizer.detokenize([i]) for i in ids]
+    assert result.choices[0].text == text and lp.tokens == tokenizer.token_texts(ids)
     layout, _ = language_model_window([], ids, tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop"))
     batch = collate_layouts([layout])
     shard = ModelForEvaluation(model)._logits_shard(batch)[0]
     expected = mpu.vocab_parallel_log_probs(shard, torch.arange(1, len(ids) + 1), torch.tensor(ids))
     assert max(abs(a - b) for a, b in zip(lp.token_logprobs, expected.tolist())) <= 1e-4
     assert all(len(top) == 2 for top in lp.top_logprobs) and lp.text_offset[0] == 0
+    assert "".join(lp.tokens) == text and lp.text_offset == [len("".join(lp.tokens[:k])) for k in range(len(ids))]
 
-    generated = client.completions.create(model="glm-130b", prompt=text, max_tokens=5, echo=True, logprobs=1,
-                                          temperature=0)
-    plain = client.completions.create(model="glm-130b", prompt=text, max_tokens=5, temperature=0)
-    assert generated.choices[0].text == text + plain.choices[0].text
-    assert len(generated.choices[0].logprobs.tokens) == len(ids) + generated.usage.completion_tokens
+    # the completion continues the scored reading: max_tokens 1 takes its token from the scoring forward, longer
+    # ones decode on from it; the prompt's log-probs are the same either way
+    one = client.completions.create(model="glm-130b", prompt=text, max_tokens=1, echo=True, logprobs=1,
+                                    temperature=0).choices[0]
+    five = client.completions.create(model="glm-130b", prompt=text, max_tokens=5, echo=True, logprobs=1,
+                                     temperature=0).choices[0]
+    assert five.text.startswith(one.text) and one.text.startswith(text) and len(one.logprobs.tokens) == len(ids) + 1
+    assert one.logprobs.token_logprobs[:len(ids)] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    assert five.logprobs.token_logprobs[:len(ids) + 1] == pytest.approx(one.logprobs.token_logprobs, abs=1e-4)
+    if five.finish_reason == "length":
+        assert "".join(five.logprobs.tokens) == five.text and len(five.logprobs.tokens) == len(ids) + 5
+        assert five.logprobs.text_offset[len(ids)] == len(text)
 
 
 def test_sampling_seed_n_and_stop(client):

@@ -1,10 +1,12 @@
 """generation/engine.py in-process on the demo model: continuous batching gives fill_blanks' greedy output whatever
-joins or leaves the batch, across cache rebases; echo log-probs are the evaluation's."""
+joins or leaves the batch, across cache rebases; echo log-probs are the evaluation's, alone or packed in a batch, and
+an echo's completion continues the scored reading."""
 import pytest
 import torch
 
 from generation import BaseStrategy, fill_blanks, generation_invalid_slices
-from generation.engine import Engine, SequenceSpec, score_tokens
+from generation.engine import Engine, SequenceSpec
+from generation.scoring import echo_layout, score_texts
 from tests.test_generation_cli import demo_model_args
 
 PROMPTS = ["Who is the greatest artist? The greatest artist is [MASK].", "Tell me a story about a cat.",
@@ -117,7 +119,7 @@ def test_echo_log_probs_equal_the_evaluation_loss(demo):
     from model.layout import collate_layouts, language_model_window
     model, tokenizer = demo
     ids = tokenizer.tokenize("The quick brown fox jumps over the lazy dog.")
-    scored = score_tokens(model, tokenizer, ids, top=3)
+    (scored, _), = score_texts(model, tokenizer, [ids], [3], [False])
     layout, targets = language_model_window([], ids, tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop"))
     batch = collate_layouts([layout])
     batch["targets"] = torch.from_numpy(targets)[None]
@@ -126,8 +128,84 @@ def test_echo_log_probs_equal_the_evaluation_loss(demo):
     batch["loss_mask"] = loss_mask
     loss = ModelForEvaluation(model).calculate_loss(batch)[0]
     assert abs(sum(t.logprob for t in scored) + loss) <= 1e-4
-    assert [t.token for t in scored] == [tokenizer.detokenize([i]) for i in ids]
+    assert "".join(t.token for t in scored) == tokenizer.detokenize(ids) and scored[1].token.startswith(" ")
     assert all(len(t.top) == 3 and max(t.top.values()) >= t.logprob - 1e-6 for t in scored)
+
+
+ECHO_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello", "清华大学位于北京。 And a longer English tail."]
+
+
+def test_packed_echo_scoring_equals_one_at_a_time_and_a_leading_sop_is_the_window_own(demo, monkeypatch):
+    """Texts in one forward; those that begin alike (one question's answers) share one row."""
+    import generation.scoring
+    model, tokenizer = demo
+    sop = tokenizer.get_command("sop")
+    question = tokenizer.tokenize("Question: which animal says moo? Answer:")
+    answers = [question + tokenizer.tokenize(a) for a in (" the cow", " a cat", " the small green frog")]
+    texts = [tokenizer.tokenize(t) for t in ECHO_TEXTS] + [[sop] + tokenizer.tokenize(ECHO_TEXTS[0])] + answers
+    rows = []
+    collate = generation.scoring.collate_layouts
+    monkeypatch.setattr(generation.scoring, "collate_layouts", lambda layouts: (rows.append(len(layouts)),
+                                                                                collate(layouts))[1])
+    packed = score_texts(model, tokenizer, texts, [2, 0, 1, 0, 1, 1, 0], [True, False, True, False, True, False, True])
+    assert rows == [4]  # the three answers in one row (the sop-led text shares the first one's)
+    for ids, (logprobs, nxt) in zip(texts, packed):
+        (alone, alone_next), = score_texts(model, tokenizer, [ids], [2], [True])
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(logprobs, alone) if a.logprob is not None) <= 1e-5
+        assert "".join(t.token for t in logprobs) == tokenizer.detokenize(ids)
+        if nxt is not None:
+            assert torch.allclose(nxt, alone_next, atol=1e-4)
+    with_sop = packed[3][0]
+    assert with_sop[0].token == "[sop]" and with_sop[0].logprob is None
+    assert [t.logprob for t in with_sop[1:]] == pytest.approx([t.logprob for t in packed[0][0]], abs=1e-5)
+
+
+def causal_greedy(model, tokenizer, ids, n):
+    """The reference: the echo window ([gMASK] sop text) run whole after each token, greedy over generation's ids."""
+    from generation import generation_invalid_slices
+    from model.layout import collate_layouts
+    end = [tokenizer.get_command("eop"), tokenizer.get_command("eos")]
+    ids, out = list(ids), []
+    for _ in range(n):
+        batch = collate_layouts([echo_layout(ids, tokenizer, next_token=True)])
+        logits = model.logits(batch["tokens"], batch["position_ids"], batch["attention_mask"])[0, -1].clone()
+        for banned in generation_invalid_slices(tokenizer, end):
+            logits[banned] = -float("inf")
+        out.append(int(logits.argmax()))
+        if out[-1] in end:
+            break
+        ids.append(out[-1])
+    return out
+
+
+def test_echo_completions_continue_the_scored_reading_in_a_batch_or_from_one_forward(demo, monkeypatch):
+    """max_tokens 1: the token comes from the scoring forward itself (one forward for the whole batch); longer
+    completions prefill the window through the cache and decode in the batch beside a blank-filling sequence."""
+    model, tokenizer = demo
+    engine = Engine(model, tokenizer, slots=3)
+    ids = [tokenizer.tokenize(t) for t in ECHO_TEXTS]
+    calls = []
+    original = type(model).logits
+    monkeypatch.setattr(type(model), "logits", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
+    specs = [SequenceSpec(i, t, 1, temperature=0, echo=True, ids=tuple(x), logprobs=1)
+             for i, (t, x) in enumerate(zip(ECHO_TEXTS, ids))]
+    events = engine.apply({"score": specs})
+    assert len(calls) == 1 and engine.live() == 0
+    monkeypatch.setattr(type(model), "logits", original)
+    for i, x in enumerate(ids):
+        first = causal_greedy(model, tokenizer, x, 1)
+        mine = [e for e in events if e.seq_id == i]
+        assert [len(e.logprobs) for e in mine[:2]] == [len(x), 1] and mine[-1].finish_reason in ("length", "stop")
+        assert mine[-1].result["completion_tokens"] == 1
+        if first[0] not in (tokenizer.get_command("eop"), tokenizer.get_command("eos")):
+            assert mine[-1].result["text"] == tokenizer.detokenize(first)
+    echo = SequenceSpec(10, ECHO_TEXTS[0], 6, temperature=0, echo=True, ids=tuple(ids[0]), logprobs=0)
+    other = SequenceSpec(11, PROMPTS[0], 6, temperature=0)
+    _, results = run(engine, [other, echo])
+    end = (tokenizer.get_command("eop"), tokenizer.get_command("eos"))
+    expected = [t for t in causal_greedy(model, tokenizer, ids[0], 6) if t not in end]
+    assert results[10][1]["text"] == tokenizer.detokenize(expected)
+    assert results[11][1]["blanks"] == reference(model, tokenizer, PROMPTS[0], 6, 512).blanks[0]
 
 
 def test_a_stop_string_in_a_filled_prompt_does_not_cut_its_text(demo):
@@ -197,3 +275,23 @@ def test_non_finite_logits_and_impossible_tokens_end_the_sequence(demo, monkeypa
     error = next(e.error for e in events if e.seq_id == 0 and e.finish_reason == "error")
     assert "which generation never picks" in error
     assert results[1][1]["blanks"] == reference(model, tokenizer, PROMPTS[0], 8, 512).blanks[0]
+
+
+def test_the_scheduler_packs_the_waiting_echo_requests_into_one_scoring_batch(demo):
+    """Echo requests that need no decode step are taken from anywhere in the queue, in order, at most --max-slots
+    of them and at most the sequence length in padded tokens; a generation request is admitted beside them."""
+    from server.metrics import Metrics
+    from server.scheduler import Scheduler
+    model, tokenizer = demo
+    engine = Engine(model, tokenizer, slots=4, max_sequence_length=64)
+    scheduler = Scheduler(engine, max_queue=32, metrics=Metrics(), distributed=False)
+    short = tuple(tokenizer.tokenize("The quick brown fox"))
+    echo = [SequenceSpec(i, "", i % 2, echo=True, ids=short) for i in range(1, 7)]
+    generation = SequenceSpec(0, PROMPTS[1], 4, temperature=0)
+    scheduler.submit([echo[0], generation] + echo[1:], lambda event: None)
+    work = scheduler._next_work()
+    assert [s.seq_id for s in work["score"]] == [1, 2, 3, 4] and work["admit"] == [generation]
+    assert [s.seq_id for s in scheduler._next_work()["score"]] == [5, 6]
+    long = tuple(tokenizer.tokenize("hello " * 24))[:29]  # 29 + [gMASK] sop = 31 positions: two fit in 64
+    scheduler.submit([SequenceSpec(i, "", 0, echo=True, ids=long) for i in range(10, 13)], lambda event: None)
+    assert [s.seq_id for s in scheduler._next_work()["score"]] == [10, 11]
