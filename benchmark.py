@@ -18,6 +18,9 @@ Derived ratios (written with every raw figure by --json, a flat object with dott
   prefill.<n>.mfu                   = model FLOPs/s of the encode forward ÷ measured matmul peak of the dtype its
                                       GEMMs compute in (bf16; fp32 on a CPU without a bf16 GEMM: prefill.compute_dtype)
   eval.flop_fraction                = evaluation FLOPs/s ÷ prefill FLOPs/s at 512 tokens
+With --bminf (weight offload), also the streaming bandwidth and per format the bytes streamed per token and
+  offload.<format>.stream_fraction  = streamed bytes per step × steps/s ÷ that bandwidth, at batch 1 and at
+                                      --offload-batch-size (benchmarking/offload.py)
 FLOP counts (docs/performance.md): 2 × linear-layer parameters × tokens + 4 × layers × s² × hidden (attention
 scores and weighted sum over the full s × s matrix the kernels compute) + 2 × hidden × vocab per logits row.
 Weight bytes per decode step: every parameter's storage once (the output projection is the word embedding).
@@ -31,7 +34,9 @@ from typing import Dict
 import torch
 
 from benchmarking.arithmetic import weight_bytes
+from benchmarking import offload
 from benchmarking.gpu import gpu_config, run_graph_decode
+from benchmarking.offload import stream_bandwidth
 from benchmarking.phases import free, load_model, run_decode, run_encode, run_eval
 from benchmarking.probes import AdjacentProbe, best, matmul_peak, read_bandwidth
 from benchmarking.report import derive, print_summary, summary_lines, write_json
@@ -57,6 +62,12 @@ def add_benchmark_args(parser):
     g.add_argument("--eval-length", type=int, default=None, help="tokens per sample, default 512")
     g.add_argument("--dtype16", choices=["bf16", "fp16"], default=None,
                    help="the 16-bit weight format (default bf16 on CPU, fp16 on GPU); overrides the config's dtype")
+    g.add_argument("--load-int8", default=None, help="an INT8 checkpoint from tools/convert_tp.py to time that format "
+                   "with (default: quantize --load while loading; with --bminf on CPU the streamed layers are then "
+                   "copied from RAM instead of read from the file)")
+    g.add_argument("--load-int4", default=None, help="the same for INT4")
+    g.add_argument("--offload-batch-size", type=int, default=32,
+                   help="with --bminf, the large decode batch timed besides --decode-batch-sizes (default 32)")
 
 
 class Plan:
@@ -66,6 +77,8 @@ class Plan:
         quick = args.quick
         self.lengths = args.encode_lengths or ([128, 512] if quick else [512, 1024, 2048])
         self.batches = args.decode_batch_sizes or ([1, 2] if quick else [1, 8])
+        if args.bminf and args.offload_batch_size not in self.batches:  # offload: streamed layers reused by a batch
+            self.batches = self.batches + [args.offload_batch_size]
         self.prompt = args.prompt_length or (16 if quick else 128)
         self.steps = args.new_tokens or (16 if quick else 128)
         self.eval_samples = args.eval_samples or (1 if quick else 2)
@@ -98,6 +111,8 @@ def run_config(args, plan: Plan) -> dict:
 def run(args, plan: Plan, results: dict):
     """Every phase, between two rounds of machine probes. Returns (decode figures, bandwidths, matmul peaks)."""
     device = args.device
+    if args.bminf:
+        results["offload.stream_bandwidth_bytes_per_s"] = stream_bandwidth(args)
     bandwidth = read_bandwidth(device, plan.bw_bytes, plan.bw_repeats)
     peak16 = matmul_peak(device, plan.dtype16, plan.gemm_shapes, plan.gemm_repeats)
     peak32 = matmul_peak(device, torch.float32, plan.gemm_shapes if plan.prefill_fp32 else plan.gemm_shapes[:1], 2)
@@ -125,7 +140,10 @@ def run(args, plan: Plan, results: dict):
                              f"(median step {r['step_ms_median']:.1f} ms, mean {r['tokens_per_s_mean']:.2f} tokens/s; "
                              f"prefill {plan.prompt} tokens {r['prefill_ms']:.0f} ms)")
         results[f"decode.{name}.weight_bytes_per_step"] = nbytes
-        if device.type == "cuda" and 1 in plan.batches and mpu.get_model_parallel_world_size() == 1:
+        if args.bminf:
+            offload.record(model, name, decode, results["offload.stream_bandwidth_bytes_per_s"], results)
+        if (device.type == "cuda" and 1 in plan.batches and mpu.get_model_parallel_world_size() == 1
+                and not model.offload.streams):
             run_graph_decode(model, name, plan.prompt, plan.steps, decode, results)
     free(model)
     bandwidth["decode_probes"] = max(probe.all)
@@ -168,7 +186,8 @@ def main(argv=None):
     other = load.stop()
     if other is not None:
         results["run.other_processes_cpu_share"] = other
-    print_summary(summary_lines(results, args.formats, plan.lengths, plan.dtype_name, other))
+    print_summary(summary_lines(results, args.formats, plan.lengths, plan.dtype_name, other)
+                  + offload.summary_lines(results, args.formats, plan.batches))
     write_json(args.json, results)
     return results
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from model import GLM130B, GLMConfig, mpu
 from model.checkpoint import load_checkpoint
 from model.errors import UserError
+from model.offload import GIB, LayerStreamer, plan_offload
 from quantization import checkpoint_preparer, quantize
 
 
@@ -52,6 +53,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     q = parser.add_argument_group("quantization")
     q.add_argument("--quantization-bit-width", type=int, default=None, choices=[4, 8])
     q.add_argument("--from-quantized-checkpoint", action="store_true")
+    o = parser.add_argument_group("offload (the original's BMInf flags)")
+    o.add_argument("--bminf", action="store_true",
+                   help="weight offload for small GPUs or little RAM: the layers that do not fit "
+                        "--bminf-memory-limit are streamed from host memory (CPU: from the checkpoint file) per forward")
+    o.add_argument("--bminf-memory-limit", type=float, default=20,
+                   help="GB (GiB) of weights held per device with --bminf, swap buffers included (default 20)")
     i = parser.add_argument_group("initialization")
     i.add_argument("--sequential-initialization", action="store_true",
                    help="load the model-parallel shards one rank at a time (lower peak host RAM)")
@@ -102,6 +109,8 @@ def validate_args(args) -> None:
     if args.hidden_size % args.num_attention_heads:
         raise UserError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
                         f"{args.num_attention_heads}")
+    if args.bminf and not args.bminf_memory_limit >= 0:
+        raise UserError(f"--bminf-memory-limit must be a number of GB >= 0, got {args.bminf_memory_limit}")
     if args.quantization_bit_width is None and args.from_quantized_checkpoint:
         raise UserError("--from-quantized-checkpoint needs --quantization-bit-width 4 or 8")
 
@@ -154,13 +163,28 @@ def build_model(args) -> GLM130B:
     if args.quantization_bit_width:  # set up the int8 storage first; the loader fills (or quantizes) it
         quantize(model, args.quantization_bit_width)
     if getattr(args, "random_init", False):
+        if args.bminf:
+            raise UserError("--bminf streams weights from a checkpoint; it cannot be combined with --random-init")
         return random_init_(model, args.device, args.seed).eval()
     if args.load is None:
         raise UserError("no checkpoint given: pass --load <folder> (or source a configs/*.sh that sets it)")
+    streamer = offload_streamer(model, args) if args.bminf else None
     load_checkpoint(model, args.load, mpu.get_model_parallel_rank(), args.model_parallel_size, args.device,
                     checkpoint_preparer(args.quantization_bit_width, args.from_quantized_checkpoint),
-                    allow_non_finite=args.allow_non_finite_weights)
+                    allow_non_finite=args.allow_non_finite_weights, offload=streamer)
+    if streamer is not None:
+        model.offload = streamer
     return model.eval()
+
+
+def offload_streamer(model: GLM130B, args) -> Optional[LayerStreamer]:
+    """--bminf, applied after quantization as in the original: the plan for --bminf-memory-limit (printed by rank 0
+    with the original's line), and the streamer the loader hands the streamed layers to (None: all fit)."""
+    limit = args.bminf_memory_limit
+    plan = plan_offload(model, int(limit * GIB))
+    mpu.print_rank_0(f"> BMInf activated, memory limit: {int(limit) if limit == int(limit) else limit} GB")
+    mpu.print_rank_0(plan.describe())
+    return LayerStreamer(model, plan, args.device) if plan.streamed else None
 
 
 @torch.no_grad()

@@ -21,4 +21,7 @@ def weight_bytes(model) -> int:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
+    if model.offload.streams:  # streamed layers share two swap slots: each is read once per step all the same
+        plan = model.offload.plan
+        total += plan.streamed_bytes - plan.slots * plan.layer_bytes
     return total

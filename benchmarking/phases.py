@@ -151,8 +151,12 @@ def run_eval(model, samples: int, length: int, device, results: dict, cfg, prefi
 
 
 def load_model(args, bits, dtype):
+    """The model in one weight format: the 16-bit --load quantized while loading, or --load-int8/--load-int4."""
+    args.load16 = getattr(args, "load16", args.load)
+    converted = getattr(args, f"load_int{bits}", None) if bits else None
     args.quantization_bit_width = bits
-    args.from_quantized_checkpoint = False
+    args.from_quantized_checkpoint = converted is not None
+    args.load = converted or args.load16
     args.params_dtype = dtype
     return build_model(args)
 

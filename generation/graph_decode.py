@@ -344,6 +344,7 @@ def static_filling_sequence(model, seqs: torch.Tensor, context_lengths, strategy
     context_lengths = torch.as_tensor(context_lengths, dtype=torch.long).view(-1)
     _, attention_mask, position_ids = get_masks_and_position_ids(seqs)
     use_graph = default_use_graph(seqs.device) if use_graph is None else use_graph
+    use_graph = use_graph and not model.offload.streams  # a graph would replay without the layers' copies
     if position_ids.shape[-1] <= seqs.shape[1]:
         return strategy.finalize(seqs.view(seqs.shape[0], 1, -1), None)
     if device_sampling is None:

@@ -181,7 +181,7 @@ def check_state_dict(expected: Dict[str, torch.Tensor], found: Dict[str, torch.T
 
 def load_checkpoint(model: torch.nn.Module, load_dir: str, model_parallel_rank: int, model_parallel_size: int,
                     device="cpu", prepare_shard: Optional[Callable[[Dict[str, torch.Tensor], str], Dict]] = None,
-                    allow_non_finite: bool = False) -> str:
+                    allow_non_finite: bool = False, offload=None) -> str:
     """Load this rank's shard into `model` (which may live on the meta device). Returns the shard path.
 
     Tensors are memory-mapped and assigned without a copy when dtype and device already match, so peak host RAM
@@ -190,6 +190,9 @@ def load_checkpoint(model: torch.nn.Module, load_dir: str, model_parallel_rank: 
     from the checkpoint's own fp16 values before any dtype cast (the model must then be quantized already).
     Non-finite values in what is loaded (a quantized row with NaN/Inf has a NaN scale) are a UserError naming the
     keys, unless allow_non_finite.
+    offload (a model.offload.LayerStreamer, --bminf): its keys are handed to it as they are (it streams them in
+    every forward; the model holds its swap slots instead), and every other tensor is copied out of the file
+    mapping, so that what stays resident is counted memory, not pages the kernel may drop.
     """
     shards = list_shards(load_dir)
     if len(shards) != model_parallel_size:
@@ -204,13 +207,19 @@ def load_checkpoint(model: torch.nn.Module, load_dir: str, model_parallel_rank: 
     expected = model.state_dict()
     check_state_dict(expected, found, path)
     loaded, non_finite = {}, {}
+    streamed = offload.keys if offload is not None else {}
     for key, want in expected.items():
         t = found[key]
         if t.dtype != want.dtype and want.dtype.is_floating_point != t.dtype.is_floating_point:
             raise UserError(f"{path}: {key} is {t.dtype} but the model expects {want.dtype} "
                             f"(a quantized checkpoint needs --quantization-bit-width and --from-quantized-checkpoint)")
-        if torch.device(device).type == "cpu":
+        if key in streamed:
+            non_finite[key] = count_non_finite(t)
+            loaded[key] = offload.take(key, t, path)
+        elif torch.device(device).type == "cpu":
             loaded[key], non_finite[key] = convert_and_count(t, want.dtype)
+            if offload is not None and loaded[key] is t:
+                loaded[key] = t.clone()
         else:  # converted as before, checked where it now lives
             loaded[key] = t.to(want.dtype).to(device)
             non_finite[key] = count_non_finite(loaded[key])
@@ -219,4 +228,6 @@ def load_checkpoint(model: torch.nn.Module, load_dir: str, model_parallel_rank: 
     for module in model.modules():
         if hasattr(module, "after_load"):
             module.after_load()
+    if offload is not None:
+        offload.finish()
     return path

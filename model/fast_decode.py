@@ -3,6 +3,8 @@
 Batch-1..16 decoding on CPU spends as much time in ~40 small PyTorch ops per layer as in the weights' bandwidth;
 `decode_layers` runs every layer of a step in one C++ call. This module decides when that applies (`applies`), and
 collects the flat tensor lists the kernel reads from the model's own modules (`_plan`): the kernels stay tensor ops.
+With streamed layers (--bminf, model/offload.py) the step is one call per run of layers that starts at a streamed
+one, so that each streamed layer's weights are in its swap slot before the call that reads them.
 """
 from typing import Optional
 
@@ -71,7 +73,13 @@ def decode_step(model, tokens, position_ids, attention_mask, cache) -> torch.Ten
     cos, sin = model.rotary.cos_sin(position_ids, h.dtype)  # rounded to bf16 as the unfused path's tables
     ln = t.layers[0].input_layernorm
     x = F.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-    x = cpu.decode_layers(x, plan["bits"], plan["weights"], plan["scales"], plan["biases"], plan["norms"],
-                          plan["alpha"], plan["eps"], cache.k, cache.v, cache.reserve(1), cos.float(), sin.float(),
-                          attention_mask.reshape(attention_mask.shape[0], -1))
+    pos, cos, sin = cache.reserve(1), cos.float(), sin.float()
+    mask = attention_mask.reshape(attention_mask.shape[0], -1)
+    scales = plan["scales"]
+    with model.offload.forward():  # streamed layers (--bminf): a call per run of layers that starts at one
+        for a, b in model.offload.segments(len(t.layers)):
+            with model.offload.layer(a):
+                x = cpu.decode_layers(x, plan["bits"], plan["weights"][4 * a:4 * b], scales[4 * a:4 * b],
+                                      plan["biases"][4 * a:4 * b], plan["norms"][4 * a:4 * b], plan["alpha"],
+                                      plan["eps"], cache.k[a:b], cache.v[a:b], pos, cos, sin, mask)
     return cpu.gemv_bf16(x, t.word_embeddings.weight)

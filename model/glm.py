@@ -12,6 +12,7 @@ from torch import nn
 
 from kernels import cpu
 from model import fast_decode, mpu
+from model.offload import NO_OFFLOAD
 from model.config import GLMConfig
 from model.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
@@ -212,6 +213,7 @@ class GLM130B(nn.Module):
             p.requires_grad_(False)
         self.rotary = RotaryEmbedding(config.head_dim, config.exact_rope, config.max_sequence_length)
         self.attention = attention  # "plain" (SAT's exact op order), "sdpa", or "auto" (sdpa unless fp32/fp16)
+        self.offload = NO_OFFLOAD  # a model.offload.LayerStreamer when some layers' weights are streamed (--bminf)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -231,10 +233,12 @@ class GLM130B(nn.Module):
         if use_sdpa:  # additive mask with a finite floor: fully masked (padding) rows stay uniform, as in SAT
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(mask, torch.finfo(h.dtype).min)
         new_kv = []
-        for layer in self.transformer.layers:
-            h, k, v = layer(h, cos, sin, mask, past, use_sdpa)
-            if keep_kv:
-                new_kv.append((k, v))
+        with self.offload.forward():
+            for i, layer in enumerate(self.transformer.layers):
+                with self.offload.layer(i):
+                    h, k, v = layer(h, cos, sin, mask, past, use_sdpa)
+                if keep_kv:
+                    new_kv.append((k, v))
         if logits_index is not None:  # only the rows whose logits are wanted: [b] or [b, k] positions
             index = logits_index.to(h.device)
             index = index[:, None] if index.dim() == 1 else index

@@ -40,7 +40,8 @@ class QuantizedLinearMixin:
         """Move to the layout quantization.matmul.resident_layout picks once real weights are in place (the loader
         calls this; idempotent)."""
         w = self.weight
-        if self.layout != ORIGINAL or w.is_meta or matmul.resident_layout(w, self.bits) == ORIGINAL:
+        if (self.layout != ORIGINAL or w.is_meta or getattr(self, "offloaded", False)  # a swap slot: kept as stored
+                or matmul.resident_layout(w, self.bits) == ORIGINAL):
             return
         self.weight = nn.Parameter(matmul.to_cpu_int4(w.data), requires_grad=False)
         self.layout = CPU_INT4

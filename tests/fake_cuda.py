@@ -17,7 +17,9 @@ rules to every ATen call:
   works here: a CPU generator that says cuda);
 - a compiled CPU kernel (torch.ops.glm_cpu.*) given a CUDA tensor raises;
 - host reads of CUDA values (.item(), .tolist(), .cpu(), nonzero, ...) are counted in `host_reads`, and raise during a
-  CUDA graph capture, as on a GPU.
+  CUDA graph capture, as on a GPU;
+- `Tensor.pin_memory()` gives a CPU copy that `is_pinned()` (the bytes are counted in `pinned_bytes`); with
+  `pin_fails` set it raises as a host out of page-locked memory does.
 
 torch.cuda says there is one GPU (`NAME`, `SMS` multiprocessors); streams and events do nothing, and a CUDA graph is
 emulated at the ATen level: capture runs the step (Python needs its values) while recording every CUDA operation, then
@@ -495,6 +497,24 @@ class FakeCuda:
         self.captures = 0
         self.replays = 0
         self.capture: Optional[_Capture] = None
+        self.pinned: Dict[int, int] = {}  # data_ptr -> bytes of the host copies made by pin_memory()
+        self.pin_fails = False
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(self.pinned.values())
+
+    def pin_memory(self, t: torch.Tensor, device=None) -> torch.Tensor:
+        if t.device.type != "cpu":
+            raise RuntimeError(f"cannot pin '{t.device}' memory: only dense CPU tensors can be pinned")
+        if self.pin_fails:
+            raise RuntimeError("CUDA error: out of memory (fake_cuda: page-locked host memory refused)")
+        copy = t.detach().clone(memory_format=torch.contiguous_format)
+        self.pinned[copy.data_ptr()] = copy.numel() * copy.element_size()
+        return copy
+
+    def is_pinned(self, t: torch.Tensor, device=None) -> bool:
+        return t.device.type == "cpu" and t.data_ptr() in self.pinned
 
     def begin_capture(self, graph: FakeCUDAGraph) -> None:
         if self.capture is not None:
@@ -544,12 +564,15 @@ def fake_cuda(triton: bool = True):
     state = FakeCuda()
     saved = {name: getattr(torch.cuda, name, None) for name in _torch_cuda_fakes()}
     saved_generator, saved_kernels = torch.Generator, triton_matmul._kernels
+    saved_pinning = torch.Tensor.pin_memory, torch.Tensor.is_pinned
     overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
     lift_cpu = torch._C._only_lift_cpu_tensors()
     _STATE = state
     for name, value in _torch_cuda_fakes().items():
         setattr(torch.cuda, name, value)
     torch.Generator = FakeGenerator
+    torch.Tensor.pin_memory = lambda t, device=None: state.pin_memory(t, device)
+    torch.Tensor.is_pinned = lambda t, device=None: state.is_pinned(t, device)
     if triton:
         triton_matmul._kernels = lambda: FAKE_TRITON_KERNELS
     triton_matmul._sm_count.cache_clear()
@@ -565,6 +588,7 @@ def fake_cuda(triton: bool = True):
         for name, value in saved.items():
             setattr(torch.cuda, name, value)
         torch.Generator = saved_generator
+        torch.Tensor.pin_memory, torch.Tensor.is_pinned = saved_pinning
         triton_matmul._kernels = saved_kernels
         triton_matmul._sm_count.cache_clear()
         triton_matmul._FAILED.clear()

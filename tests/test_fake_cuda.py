@@ -124,3 +124,15 @@ def test_a_fake_tensor_outside_the_context_is_refused():
         x = torch.ones(2, device="cuda")
     with pytest.raises(DeviceError, match="outside fake_cuda"):
         x + 1
+
+
+def test_pinned_host_memory_is_emulated_and_can_fail(fake_gpu):
+    """pin_memory gives a pinned CPU copy (counted); with pin_fails it raises as a host out of page-locked memory."""
+    host = torch.arange(6, dtype=torch.float16)
+    pinned = host.pin_memory()
+    assert pinned.device.type == "cpu" and pinned.is_pinned() and not host.is_pinned()
+    assert torch.equal(pinned, host) and pinned.data_ptr() != host.data_ptr() and fake_gpu.pinned_bytes == 12
+    assert torch.equal(torch.empty(6, dtype=torch.float16, device="cuda").copy_(pinned, non_blocking=True).cpu(), host)
+    fake_gpu.pin_fails = True
+    with pytest.raises(RuntimeError, match="out of memory"):
+        host.pin_memory()
