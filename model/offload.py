@@ -9,8 +9,7 @@ BMInf's scheme, natively:
   format the model computes with: bf16/fp16, or the stored INT8/INT4 bytes) live outside the device and are copied,
   one streamed layer ahead of use, into one of exactly two swap slots. The k-th streamed layer's modules hold slot
   k % 2 as their weight tensors for good (static addresses), so the model code, the fused CPU decode step and the
-  Triton kernels run unchanged. Nothing else is kept between forwards: when a forward is done with its last streamed
-  layer, the next forward's first two are requested (BMInf waited for the next forward to start).
+  Triton kernels run unchanged. Nothing is kept between forwards.
 - CUDA (`CudaCopies`): the host copies sit in pinned memory (pageable, with one warning, when pinning fails); a
   dedicated copy stream fills a slot after the event that says its previous layer is done, and records the event
   the compute stream waits on before using it, so copy and compute overlap.
@@ -270,13 +269,10 @@ class FileReads:
     def release(self, index: int) -> None:
         pass
 
-    def wait(self) -> None:
+    def drain(self) -> None:
         for job in self.pending.values():
             if isinstance(job, Future):
-                job.exception()  # a failed read is reported by the forward that needs it
-
-    def drain(self) -> None:
-        self.wait()
+                job.exception()  # wait; a failed read is reported by the forward that needed it
         self.pending.clear()
 
     def close(self) -> None:
@@ -333,9 +329,6 @@ class CudaCopies:
     def release(self, index: int) -> None:
         self.free[index % 2].record(torch.cuda.current_stream(self.device))
 
-    def wait(self) -> None:
-        self.stream.synchronize()
-
     def drain(self) -> None:
         pass
 
@@ -367,7 +360,6 @@ class LayerStreamer:
         self.engine = CudaCopies(device) if device.type == "cuda" else FileReads()
         self.sources: Dict[Tuple[int, int], object] = {}
         self.path: Optional[str] = None
-        self.prefetched = False
 
     # -- loading ------------------------------------------------------------------------------------------------
     def take(self, key: str, tensor: torch.Tensor, path: str) -> torch.Tensor:
@@ -394,19 +386,13 @@ class LayerStreamer:
 
     @contextlib.contextmanager
     def forward(self):
-        """One pass over the layers. Its first two streamed layers were requested when the previous forward
-        released its last one (the reads overlap the logits, the sampling and the host's work between forwards),
-        or are requested now; a forward that fails drops whatever is in flight."""
-        if not self.prefetched:
-            self._fill(0)
-            self._fill(1)
-        self.prefetched = False
+        """One pass over the layers: the first two streamed layers are requested at once."""
+        self._fill(0)
+        self._fill(1)
         try:
             yield
-        except BaseException:
+        finally:
             self.engine.drain()
-            self.prefetched = False
-            raise
 
     @contextlib.contextmanager
     def layer(self, i: int):
@@ -417,21 +403,12 @@ class LayerStreamer:
         self.engine.acquire(k)
         yield
         self.engine.release(k)
-        if k + 2 < len(self.plan.streamed):
-            self._fill(k + 2)  # into the slot this layer just used
-        elif k == len(self.plan.streamed) - 1:  # both slots are free: the next forward's first layers
-            self._fill(0)
-            self._fill(1)
-            self.prefetched = True
+        self._fill(k + 2)  # into the slot this layer just used
 
     def segments(self, num_layers: int) -> List[Tuple[int, int]]:
         """[a, b) runs of layers that start at a streamed layer (or 0) and end before the next."""
         cuts = sorted({0, *self.plan.streamed, num_layers})
         return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
-
-    def wait(self) -> None:
-        """Until the copies in flight (the next forward's first layers) are done; they stay for that forward."""
-        self.engine.wait()
 
     @property
     def bytes_read(self) -> int:
