@@ -17,7 +17,6 @@ import torch  # noqa: E402
 
 from tests.fake_cuda import fake_gpu  # noqa: E402,F401  (fixture)
 from tests.helpers import ROOT, torchrun  # noqa: E402
-from tests.test_server import generate_lines  # noqa: E402,F401  (fixture: generate.py's greedy answers on the demo)
 
 SMALL = dict(num_layers=6, hidden_size=64, num_attention_heads=4, inner_hidden_size=128, vocab_size=150528)
 FORMATS = {"16bit": [], "int8": ["--quantization-bit-width", "8", "--from-quantized-checkpoint"],
@@ -280,19 +279,25 @@ def test_evaluate_py_with_offload_at_tp1_and_tp2(tmp_path, test_tokenizer_path):
             [r.get("prediction", r.get("text")) for r in rows], key
 
 
-def test_server_with_offload_answers_as_generate_py(demo_dir, tmp_path, generate_lines):  # noqa: F811
-    """scripts/server.sh on the demo model with every layer streamed: the greedy completions of test_server.py."""
+def test_server_with_offload_answers_as_generate_py(demo_dir, tmp_path):
+    """scripts/server.sh on the demo model with every layer streamed: greedy completions equal to generate.py's
+    answers without offload (as test_server.py checks them)."""
     import shlex
 
     import openai
 
-    from tests.test_generation_cli import demo_env
+    import generate
+    from tests.test_generation_cli import demo_env, demo_model_args
     from tests.test_readme import readme_command
     from tests.test_server import MASKED, MAX_TOKENS, PLAIN
     from tests.workers.server_process import ServerProcess
     cmd = shlex.split(readme_command("bash scripts/server.sh")) + ["--bminf", "--bminf-memory-limit", "0"]
     proc = ServerProcess(cmd, demo_env(demo_dir), tmp_path / "server.log")
     try:
+        (tmp_path / "prompts.txt").write_text("".join(f"p{i}\t{t}\n" for i, t in enumerate(MASKED + PLAIN)))
+        generate.main([*demo_model_args(demo_dir), "--input-source", str(tmp_path / "prompts.txt"), "--with-id",
+                       "--output-path", str(tmp_path / "out"), "--top_k", "1", "--max-new-tokens", str(MAX_TOKENS)])
+        generate_lines = [(tmp_path / "out" / f"p{i}.txt").read_text().rstrip("\n") for i in range(len(MASKED + PLAIN))]
         proc.wait_ready()
         client = openai.OpenAI(base_url=proc.url + "/v1", api_key="none", timeout=120, max_retries=0)
         result = client.completions.create(model="glm-130b", prompt=MASKED + PLAIN, max_tokens=MAX_TOKENS,
