@@ -22,6 +22,25 @@ def run_init(args, tokenizer_path, env=None):
                           env={**os.environ, **(env or {})})
 
 
+def run_inits(arg_lists, tokenizer_path):
+    """run_init for each argument list, the processes running at the same time (independent runs: the machine's
+    cores are shared out instead of waiting for one process at a time); their CompletedProcesses, in order."""
+    procs = [subprocess.Popen([sys.executable, str(WORKER), *map(str, args), "--tokenizer-path", tokenizer_path],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for args in arg_lists]
+    try:
+        done = []
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+        return done
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def assert_one_line_error(proc, *fragments):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -181,14 +200,15 @@ def test_quantized_checkpoint_flags_end_to_end(tmp_path, test_tokenizer_path):
                     "--output-folder", str(out), "--target-tp", "1", "--quantization-bit-width", "8"],
                    check=True, capture_output=True, cwd=ROOT)
     args = _replace_args(fixture_model_args(), "--load", out)
-    assert_one_line_error(run_init(args, test_tokenizer_path), "INT8-quantized checkpoint",
-                          "--quantization-bit-width 8 --from-quantized-checkpoint")
-    assert_one_line_error(run_init(args + ["--quantization-bit-width", "4", "--from-quantized-checkpoint"],
-                                   test_tokenizer_path), "holds INT8 weights", "pass --quantization-bit-width 8")
-    ok = run_init(args + ["--quantization-bit-width", "8", "--from-quantized-checkpoint"], test_tokenizer_path)
-    assert ok.returncode == 0 and "> Model initialized" in ok.stdout, ok.stderr[-2000:]
     fp16 = fixture_model_args() + ["--quantization-bit-width", "8", "--from-quantized-checkpoint"]
-    assert_one_line_error(run_init(fp16, test_tokenizer_path), "holds 16-bit weights", "drop that flag")
+    no_flags, int4_flags, ok, fp16_flags = run_inits(
+        [args, args + ["--quantization-bit-width", "4", "--from-quantized-checkpoint"],
+         args + ["--quantization-bit-width", "8", "--from-quantized-checkpoint"], fp16], test_tokenizer_path)
+    assert_one_line_error(no_flags, "INT8-quantized checkpoint",
+                          "--quantization-bit-width 8 --from-quantized-checkpoint")
+    assert_one_line_error(int4_flags, "holds INT8 weights", "pass --quantization-bit-width 8")
+    assert ok.returncode == 0 and "> Model initialized" in ok.stdout, ok.stderr[-2000:]
+    assert_one_line_error(fp16_flags, "holds 16-bit weights", "drop that flag")
 
 
 def poison(ckpt, values):
@@ -213,9 +233,9 @@ def test_non_finite_weights_are_refused_naming_keys_and_counts(broken_ckpt, test
     if extra == ("--bf16",):
         args.remove("--fp32")
     dense = f"{DENSE}_scale (2 rows)" if "--quantization-bit-width" in extra else f"{DENSE} (2)"
-    assert_one_line_error(run_init(args, test_tokenizer_path), "non-finite weights (NaN/Inf) in", dense,
-                          f"{EMBED} (1)", "--allow-non-finite-weights")
-    ok = run_init(args + ["--allow-non-finite-weights"], test_tokenizer_path)
+    refused, ok = run_inits([args, args + ["--allow-non-finite-weights"]], test_tokenizer_path)
+    assert_one_line_error(refused, "non-finite weights (NaN/Inf) in", dense, f"{EMBED} (1)",
+                          "--allow-non-finite-weights")
     assert ok.returncode == 0 and "> Model initialized" in ok.stdout, ok.stderr[-2000:]
     assert "kept because of --allow-non-finite-weights" in ok.stderr
 

@@ -162,18 +162,27 @@ def test_read_bandwidth_probe_sums():
     assert cpu.read_bandwidth_probe(x) == pytest.approx(float(x.double().sum()), rel=1e-5)
 
 
+POOL_CHECK = """
+import torch
+from kernels import cpu
+assert cpu.tier() == {tier!r}, cpu.tier()
+torch.set_num_threads(4)
+print(torch.ops.glm_cpu.pool_check(20000, 9))
+# across the pool's 32-bit call counter wrap-around (billions of calls in a long-running server)
+print(torch.ops.glm_cpu.pool_check(200, 9, 2 ** 32 - 101))
+"""
+
+
 @needs_kernels
 def test_thread_pool_runs_every_chunk_once_before_returning():
     """Calls of varying chunk counts back to back (a call often has more chunks than the one before: the case where a
-    helper still leaving the previous call could claim an index of the new one) on more threads than cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
-        assert torch.ops.glm_cpu.pool_check(20000, 9) == 0
-        # across the pool's 32-bit call counter wrap-around (billions of calls in a long-running server)
-        assert torch.ops.glm_cpu.pool_check(200, 9, 2 ** 32 - 101) == 0
-    finally:
-        torch.set_num_threads(threads)
+    helper still leaving the previous call could claim an index of the new one) on more threads than cores.
+    In a subprocess on this process's tier: the pool's helper threads outlive the calls, and idle ones still wake
+    and spin every 50 ms (about a quarter of a core for three helpers), which would slow every later test of the
+    session."""
+    proc = _run(["-c", POOL_CHECK.format(tier=cpu.tier())], cpu.tier(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["0", "0"], proc.stdout + proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,9 +343,12 @@ def test_requested_tier_is_the_loaded_one():
         assert torch.ops.glm_cpu.tier() == expected
 
 
+def _env(tier):
+    return dict(os.environ, GLM_CPU_KERNELS=tier, GLM_CPU_KERNELS_SUBRUN="1")
+
+
 def _run(code_or_args, tier, timeout=600):
-    env = dict(os.environ, GLM_CPU_KERNELS=tier, GLM_CPU_KERNELS_SUBRUN="1")
-    return subprocess.run([sys.executable, *code_or_args], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *code_or_args], cwd=ROOT, env=_env(tier), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -349,16 +361,44 @@ def test_disabled_by_environment():
 
 
 OTHER_TIERS = [t for t in build.TIERS if build.supported(t, build.cpu_flags())]
+SUBRUN = os.environ.get("GLM_CPU_KERNELS_SUBRUN") == "1"
 
 
-@pytest.mark.skipif(os.environ.get("GLM_CPU_KERNELS_SUBRUN") == "1", reason="already a per-tier run")
+@pytest.fixture(scope="module", autouse=True)
+def other_tier_runs(request, tmp_path_factory):
+    """test_other_tier's reruns of this file, one process per tier, all started when this module starts: each runs
+    mostly on one core, so they run beside each other and beside this process's tests; test_other_tier waits for
+    its tier's. Only the selected tiers are started (none inside a per-tier run)."""
+    tiers = [] if SUBRUN else [
+        item.callspec.params["tier"] for item in request.session.items
+        if getattr(item, "module", None) is request.module and getattr(item, "originalname", "") == "test_other_tier"]
+    runs = {}
+    for tier in tiers:
+        if tier not in ("none", cpu.tier()):
+            out = tmp_path_factory.mktemp(f"tier_{tier}")
+            cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
+            with open(out / "stdout", "w") as stdout, open(out / "stderr", "w") as stderr:
+                runs[tier] = out, subprocess.Popen(cmd, cwd=ROOT, env=_env(tier), stdout=stdout, stderr=stderr)
+    try:
+        yield runs
+    finally:
+        for _, proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.skipif(SUBRUN, reason="already a per-tier run")
 @pytest.mark.parametrize("tier", OTHER_TIERS or ["none"])
-def test_other_tier(tier):
+def test_other_tier(tier, other_tier_runs):
     """This file's op tests on every other tier this CPU runs, each in its own process (one tier per process)."""
     if tier == "none":
         pytest.skip("this CPU runs no kernel tier")
     if tier == cpu.tier():
         pytest.skip(f"{tier} is this process's tier: the tests above ran on it")
-    proc = _run(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__).resolve())], tier)
+    out, run = other_tier_runs[tier]
+    run.wait(timeout=600)
+    proc = subprocess.CompletedProcess(run.args, run.returncode, (out / "stdout").read_text(),
+                                       (out / "stderr").read_text())
     assert proc.returncode == 0, f"tier {tier}:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     assert " passed" in proc.stdout, proc.stdout[-2000:]

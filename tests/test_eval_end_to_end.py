@@ -191,15 +191,25 @@ def test_task_folder_without_yaml_is_an_error(tmp_path, test_tokenizer_path, dem
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "notes.txt").write_text("not a task\n")
     message = f"error: --task {empty}: no task YAML (*.yaml) in this folder or below it"
-    proc = subprocess.run([sys.executable, "evaluate.py", "--data-path", str(EVAL_DATA), "--task", str(empty),
-                           *model_argv(test_tokenizer_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip() == message and "Traceback" not in proc.stdout + proc.stderr
-    assert "Model initialized" not in proc.stdout and "Finish" not in proc.stdout
+    # evaluate.py and scripts/evaluate.sh at the same time (independent processes)
+    direct = subprocess.Popen([sys.executable, "evaluate.py", "--data-path", str(EVAL_DATA), "--task", str(empty),
+                               *model_argv(test_tokenizer_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     # the script tees its output (stderr included) to stdout and logs/; run it elsewhere so logs/ lands in tmp_path
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "evaluate.sh"), str(empty)], cwd=tmp_path,
-                          env={**demo_env(demo_dir), "DATA_PATH": str(EVAL_DATA)}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert message in proc.stdout.splitlines() and "Traceback" not in proc.stdout + proc.stderr
-    assert "Model initialized" not in proc.stdout and "Finish" not in proc.stdout
+    script = subprocess.Popen(["bash", str(ROOT / "scripts" / "evaluate.sh"), str(empty)], cwd=tmp_path,
+                              env={**demo_env(demo_dir), "DATA_PATH": str(EVAL_DATA)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        direct_out, direct_err = direct.communicate(timeout=300)
+        script_out, script_err = script.communicate(timeout=300)
+    finally:
+        for p in (direct, script):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert direct.returncode == 2, direct_err[-2000:]
+    assert direct_err.strip() == message and "Traceback" not in direct_out + direct_err
+    assert "Model initialized" not in direct_out and "Finish" not in direct_out
+    assert script.returncode == 2, script_out[-2000:] + script_err[-2000:]
+    assert message in script_out.splitlines() and "Traceback" not in script_out + script_err
+    assert "Model initialized" not in script_out and "Finish" not in script_out

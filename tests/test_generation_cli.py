@@ -1,4 +1,5 @@
 """generate.py and scripts/generate.sh on the embedded demo model: interactive (through a pseudo-terminal) and files."""
+import functools
 import os
 import pty
 import re
@@ -27,10 +28,16 @@ def demo_env(demo_dir):
 
 
 def demo_model_args(demo_dir):
-    """The demo config's MODEL_ARGS, read from configs/model_glm_demo.sh itself."""
+    """The demo config's MODEL_ARGS, read from configs/model_glm_demo.sh itself (once per demo folder: sourcing the
+    config runs tools/create_demo.py, ~2 s, and many tests ask)."""
+    return list(_demo_model_args(demo_dir))
+
+
+@functools.lru_cache(maxsize=None)
+def _demo_model_args(demo_dir):
     out = subprocess.run(["bash", "-c", "source configs/model_glm_demo.sh >/dev/null && echo $MODEL_ARGS"], cwd=ROOT,
                          env=demo_env(demo_dir), capture_output=True, text=True, check=True)
-    return shlex.split(out.stdout)
+    return tuple(shlex.split(out.stdout))
 
 
 class Terminal:

@@ -5,6 +5,7 @@ and the sections' GPU-only code (graph capture, replayed timing, the layout on t
 tests/fake_cuda.py."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -26,52 +27,42 @@ SECTION_KEYS = {
 }
 
 
+def _command(*args):
+    return ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", *args]
+
+
 def _script(out_dir, *args):
     env = {**os.environ, "OUT": str(out_dir)}
-    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(_command(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dry_run_in_background(request, tmp_path_factory):
+    """The full dry run starts with this module and runs while the module's other tests do (it is a chain of
+    single-threaded processes, ~20 s: the machine's other core runs it); the tests that read it come last in the
+    module and wait for it through `dry_run`. Not started when none of them is selected."""
+    if not any(getattr(item, "module", None) is request.module and "dry_run" in item.fixturenames
+               for item in request.session.items):
+        yield None
+        return
+    out_dir, logs = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("dry_run_output")
+    with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
+        proc = subprocess.Popen(_command(), cwd=ROOT, env={**os.environ, "OUT": str(out_dir)}, stdout=stdout,
+                                stderr=stderr, start_new_session=True)
+    try:
+        yield out_dir, logs, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("out")
-    proc = _script(out_dir)
-    return out_dir, proc
-
-
-def test_dry_run_writes_every_section_under_out(dry_run):
-    out_dir, proc = dry_run
-    results = json.loads((out_dir / "gpu-dry-run.json").read_text())
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:], results)
-    assert sorted(p.name for p in out_dir.iterdir()) == ["gpu-dry-run.json", "gpu-dry-run.log"]  # nothing else left
-    for section, keys in SECTION_KEYS.items():
-        assert results[f"sections.{section}.status"] == "ok"
-        for key in keys:
-            assert key in results, key
-    assert results["kernels.ok"] is True and results["graph.ok"] is True and results["run.dry_run"] is True
-    assert all(results[f"graph.{f}.ids_equal_static_eager"] for f in ("fp16", "int8", "int4"))
-    assert results["graph.fixture.loop_equals_sat"] is True
-    assert results["full.int4.ms_per_token"] > 0 and results["slice.int4.speedup_vs_fp16"] > 0
-    for name, (key, target) in gpu_check.GOALS.items():
-        assert results[f"goals.{name}.target"] == target and results[f"goals.{name}.measured"] == results.get(key)
-    assert results["goals.full_int4_decode_batch1.target_ms_per_token"] > 0
-    assert (out_dir / "gpu-dry-run.log").read_text().count("=== section") == 2 * len(SECTION_KEYS)
-
-
-def test_a_rerun_of_some_sections_merges_into_the_json(dry_run):
-    """The rerun sections' keys are replaced (a stale one disappears), the others are kept, the log grows."""
-    out_dir, _ = dry_run
-    path = out_dir / "gpu-dry-run.json"
-    before = json.loads(path.read_text())
-    path.write_text(json.dumps({**before, "graph.stale": 1, "slice.kept": 2}))
-    proc = _script(out_dir, "--sections", "graph")
-    after = json.loads(path.read_text())
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "graph.stale" not in after and after["slice.kept"] == 2 and after["run.sections"] == "graph"
-    assert after["sections.graph.seconds"] != before["sections.graph.seconds"]
-    assert {k: v for k, v in after.items() if k.startswith(("bench.", "full.", "kernels."))} == \
-        {k: v for k, v in before.items() if k.startswith(("bench.", "full.", "kernels."))}
-    assert (out_dir / "gpu-dry-run.log").read_text().count("=== section") == 2 * (len(SECTION_KEYS) + 1)
+def dry_run(dry_run_in_background):
+    out_dir, logs, proc = dry_run_in_background
+    returncode = proc.wait(timeout=300)
+    return out_dir, subprocess.CompletedProcess(proc.args, returncode, (logs / "stdout").read_text(),
+                                                (logs / "stderr").read_text())
 
 
 def test_the_planned_budget_fits_300_s_with_correctness_first():
@@ -171,3 +162,39 @@ def test_sigterm_stops_the_running_section_and_keeps_the_json(tmp_path):
     results = json.loads(out.read_text())
     assert results["sections.env.status"] in ("stopped", "ok") and results["run.ok"] is False
     assert "sections.kernels.status" not in results or results["sections.kernels.status"] == "stopped"
+
+
+# The tests that read the background dry run: last, so that the tests above run while it does.
+def test_dry_run_writes_every_section_under_out(dry_run):
+    out_dir, proc = dry_run
+    results = json.loads((out_dir / "gpu-dry-run.json").read_text())
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:], results)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["gpu-dry-run.json", "gpu-dry-run.log"]  # nothing else left
+    for section, keys in SECTION_KEYS.items():
+        assert results[f"sections.{section}.status"] == "ok"
+        for key in keys:
+            assert key in results, key
+    assert results["kernels.ok"] is True and results["graph.ok"] is True and results["run.dry_run"] is True
+    assert all(results[f"graph.{f}.ids_equal_static_eager"] for f in ("fp16", "int8", "int4"))
+    assert results["graph.fixture.loop_equals_sat"] is True
+    assert results["full.int4.ms_per_token"] > 0 and results["slice.int4.speedup_vs_fp16"] > 0
+    for name, (key, target) in gpu_check.GOALS.items():
+        assert results[f"goals.{name}.target"] == target and results[f"goals.{name}.measured"] == results.get(key)
+    assert results["goals.full_int4_decode_batch1.target_ms_per_token"] > 0
+    assert (out_dir / "gpu-dry-run.log").read_text().count("=== section") == 2 * len(SECTION_KEYS)
+
+
+def test_a_rerun_of_some_sections_merges_into_the_json(dry_run):
+    """The rerun sections' keys are replaced (a stale one disappears), the others are kept, the log grows."""
+    out_dir, _ = dry_run
+    path = out_dir / "gpu-dry-run.json"
+    before = json.loads(path.read_text())
+    path.write_text(json.dumps({**before, "graph.stale": 1, "slice.kept": 2}))
+    proc = _script(out_dir, "--sections", "graph")
+    after = json.loads(path.read_text())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "graph.stale" not in after and after["slice.kept"] == 2 and after["run.sections"] == "graph"
+    assert after["sections.graph.seconds"] != before["sections.graph.seconds"]
+    assert {k: v for k, v in after.items() if k.startswith(("bench.", "full.", "kernels."))} == \
+        {k: v for k, v in before.items() if k.startswith(("bench.", "full.", "kernels."))}
+    assert (out_dir / "gpu-dry-run.log").read_text().count("=== section") == 2 * (len(SECTION_KEYS) + 1)

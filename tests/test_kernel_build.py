@@ -3,10 +3,13 @@
 A build is killed mid-compile (SIGKILL to the Python process only, the worst case: its compiler processes keep
 running), and the next run must finish, say in one line what it cleaned up, and load the kernels; a lock file and
 a build folder left by a builder that is gone are recovered from; a live builder is waited for with one line said.
-Each scenario runs in subprocesses with its own TORCH_EXTENSIONS_DIR; the avx2 tier is built (the smallest).
+Each scenario runs in subprocesses with its own TORCH_EXTENSIONS_DIR, seeded with a complete build of the avx2 tier
+(the smallest) from the kernel cache this machine's test runs share; a build then compiles only what a scenario
+removes from it.
 """
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,12 +46,31 @@ def _dead_pid():
     return p.pid
 
 
+# The object the killed build compiles (the tier's own GEMV source: ~10 s to compile, so the build is surely still
+# compiling when it is killed 2 s after starting).
+OBJECT = "gemv_fma.o"
+
+
 @pytest.fixture(scope="module")
 def ext_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("torch_extensions")
+    """A private TORCH_EXTENSIONS_DIR holding a complete, installed avx2 build, copied from the shared kernel cache
+    (built there first if missing: test_cpu_kernels.py builds it too), under the cache's build lock."""
+    root = tmp_path_factory.mktemp("torch_extensions")
+    shared_env = dict(os.environ, GLM_CPU_KERNELS=TIER)
+    proc = subprocess.run([sys.executable, "-c", LOAD], env=shared_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.split() == [TIER], proc.stderr[-3000:]
+    shared = build.build_root()
+    with build.BuildLock(shared / f"{NAME}.lock", f"CPU kernels ({NAME})"):
+        shutil.copytree(shared / NAME, root / NAME, ignore=shutil.ignore_patterns("lock"), symlinks=True)
+    assert (root / NAME / "build_key").read_text().strip() == build._build_key(TIER)
+    assert (root / NAME / OBJECT).is_file() and (root / NAME / f"{NAME}.so").is_file()
+    return root
 
 
 def test_killed_build_is_recovered(ext_root):
+    installed = ext_root / NAME
+    (installed / "build_key").unlink()  # the next run must build again ...
+    (installed / OBJECT).unlink()  # ... and compile this object from scratch (the others are reused)
     builder = subprocess.Popen([sys.executable, "-c", LOAD], env=_env(ext_root), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -58,18 +80,21 @@ def test_killed_build_is_recovered(ext_root):
         deadline = time.time() + 60
         while not (work / "build.ninja").exists() and time.time() < deadline:
             time.sleep(0.1)
-        time.sleep(2.0)  # the compilers are running now (a compile takes ~10 s)
+        time.sleep(2.0)  # the compiler is running now (this compile takes ~10 s)
         assert builder.poll() is None, "the build finished before it could be killed"
-        os.kill(builder.pid, signal.SIGKILL)  # only the Python process: ninja and the compilers live on
+        os.kill(builder.pid, signal.SIGKILL)  # only the Python process: ninja and the compiler live on
         builder.wait(timeout=30)
         assert (work / "lock").exists(), "torch's build lock should be left behind by the killed build"
-        assert not (ext_root / NAME).exists(), "an unfinished build must never be installed"
+        # an unfinished build must never be installed: the installed folder is still the one the build started from
+        assert not (installed / "build_key").exists() and not (installed / OBJECT).exists()
+        assert not list(ext_root.glob(f"{NAME}.old-*"))
 
         start = time.time()
         err = _load(ext_root)
         assert f"process {builder.pid} stopped while building {NAME}" in err, err
         assert f"> CPU kernels: {TIER}" in err
-        assert (ext_root / NAME / f"{NAME}.so").is_file()
+        assert (ext_root / NAME / f"{NAME}.so").is_file() and (ext_root / NAME / OBJECT).is_file()
+        assert (ext_root / NAME / "build_key").read_text().strip() == build._build_key(TIER)
         print(f"rebuilt in {time.time() - start:.1f} s")
         err = _load(ext_root, timeout=120)  # now cached: loads without compiling
         assert "Compiling" not in err and "stopped while building" not in err, err

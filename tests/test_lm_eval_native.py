@@ -5,6 +5,7 @@ fill_blanks; tensor and data parallelism (2 ranks under torchrun) against one pr
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -41,44 +42,44 @@ def evaluate_py(model_args, tmp_path, yaml_path, name):
     return [json.loads(line) for line in lines]
 
 
-@pytest.fixture(scope="module")
-def readme_run(demo_dir, tmp_path_factory):
-    """The README's scripts/lm_eval.sh command, with --log_samples and an output folder added."""
+@pytest.fixture(scope="module", autouse=True)
+def readme_run_in_background(request, demo_dir, tmp_path_factory):
+    """The README's scripts/lm_eval.sh command, with --log_samples and an output folder added. One process (~15 s,
+    most of it lm-eval indexing its built-in task YAMLs): it starts with this module and runs on the machine's
+    other core while the in-process tests below run; the tests that read it come after them and wait for it
+    (`readme_run`). Not started when none of them is selected."""
+    if not any(getattr(item, "module", None) is request.module and "readme_run" in item.fixturenames
+               for item in request.session.items):
+        yield None
+        return
     from tests.test_readme import readme_command
     tmp = tmp_path_factory.mktemp("lm_eval_sh")
     command = readme_command("bash scripts/lm_eval.sh")
-    proc = subprocess.run(["bash", "-c", f"{command} --log_samples --output_path {shlex.quote(str(tmp / 'out'))}"],
-                          cwd=ROOT, env=offline_env(demo_env(demo_dir), tmp), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc, tmp / "out"
+    with open(tmp / "stdout", "w") as stdout, open(tmp / "stderr", "w") as stderr:
+        output = shlex.quote(str(tmp / "out"))
+        proc = subprocess.Popen(["bash", "-c", f"{command} --log_samples --output_path {output}"], cwd=ROOT,
+                                env=offline_env(demo_env(demo_dir), tmp), stdout=stdout, stderr=stderr,
+                                start_new_session=True)
+    try:
+        yield tmp, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
-def test_readme_command_prints_lm_eval_table_and_files_results_under_the_model_name(readme_run):
-    proc, out = readme_run
-    for task in TASKS.split(","):
-        assert f"|{task}" in proc.stdout
-    assert list((out / "glm130b").glob("results_*.json"))
+@pytest.fixture(scope="module")
+def readme_run(readme_run_in_background):
+    """Waits for the README command (call it): (its CompletedProcess, its output folder)."""
+    tmp, proc = readme_run_in_background
 
-
-def test_multiple_choice_log_probs_and_predictions_equal_evaluate_py(readme_run, demo_dir, tmp_path):
-    records = evaluate_py(demo_model_args(demo_dir), tmp_path, DATA / "glm" / "choices.yaml", "choices")
-    samples = read_samples(readme_run[1], "glm_choices")
-    assert sorted(samples) == list(range(len(records)))
-    for doc_id, record in enumerate(records):
-        mine = [float(resp[0][0]) for resp in samples[doc_id]["resps"]]  # lm-eval logs numbers as strings
-        assert mine == pytest.approx(record["choice_logprobs"], abs=1e-4)
-        assert mine.index(max(mine)) == record["prediction"]
-        assert samples[doc_id]["acc"] == float(record["prediction"] == int(samples[doc_id]["target"]))
-
-
-def test_rolling_log_likelihood_equals_evaluate_py_language_model_scoring(readme_run, demo_dir, tmp_path):
-    records = evaluate_py(demo_model_args(demo_dir), tmp_path, DATA / "glm" / "documents.yaml", "documents")
-    samples = read_samples(readme_run[1], "glm_documents")
-    assert len(samples) == len(records) == 4  # short documents: one window each
-    for doc_id, record in enumerate(records):
-        # a sum over a document's tokens: fp32 rounding of the batch (padded here, alone there) grows with it
-        assert float(samples[doc_id]["resps"][0][0]) == pytest.approx(-record["loss"], rel=1e-6, abs=1e-4)
+    def wait():
+        returncode = proc.wait(timeout=600)
+        done = subprocess.CompletedProcess(proc.args, returncode, (tmp / "stdout").read_text(),
+                                           (tmp / "stderr").read_text())
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done, tmp / "out"
+    return wait
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,34 @@ def test_continuations_of_one_context_are_one_sample_and_empty_ones_score_eop(ha
     alone = [lm.loglikelihood([Request(*p)], disable_tqdm=True)[0] for p in pairs]
     assert [x[0] for x in together] == pytest.approx([x[0] for x in alone], abs=1e-4)
     assert all(isinstance(g, bool) for _, g in together)
+
+
+# The tests that read the README command's run: after the in-process tests above, which run while it does.
+def test_multiple_choice_log_probs_and_predictions_equal_evaluate_py(readme_run, demo_dir, tmp_path):
+    records = evaluate_py(demo_model_args(demo_dir), tmp_path, DATA / "glm" / "choices.yaml", "choices")
+    samples = read_samples(readme_run()[1], "glm_choices")
+    assert sorted(samples) == list(range(len(records)))
+    for doc_id, record in enumerate(records):
+        mine = [float(resp[0][0]) for resp in samples[doc_id]["resps"]]  # lm-eval logs numbers as strings
+        assert mine == pytest.approx(record["choice_logprobs"], abs=1e-4)
+        assert mine.index(max(mine)) == record["prediction"]
+        assert samples[doc_id]["acc"] == float(record["prediction"] == int(samples[doc_id]["target"]))
+
+
+def test_rolling_log_likelihood_equals_evaluate_py_language_model_scoring(readme_run, demo_dir, tmp_path):
+    records = evaluate_py(demo_model_args(demo_dir), tmp_path, DATA / "glm" / "documents.yaml", "documents")
+    samples = read_samples(readme_run()[1], "glm_documents")
+    assert len(samples) == len(records) == 4  # short documents: one window each
+    for doc_id, record in enumerate(records):
+        # a sum over a document's tokens: fp32 rounding of the batch (padded here, alone there) grows with it
+        assert float(samples[doc_id]["resps"][0][0]) == pytest.approx(-record["loss"], rel=1e-6, abs=1e-4)
+
+
+def test_readme_command_prints_lm_eval_table_and_files_results_under_the_model_name(readme_run):
+    proc, out = readme_run()
+    for task in TASKS.split(","):
+        assert f"|{task}" in proc.stdout
+    assert list((out / "glm130b").glob("results_*.json"))
 
 
 @pytest.mark.parametrize("mp", [2, 1], ids=["tensor-parallel", "data-parallel"])

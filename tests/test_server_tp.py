@@ -50,22 +50,26 @@ def answers(server):
 @pytest.mark.parametrize("mp", [2])
 def test_tp2_server_answers_as_tp1_and_stops_cleanly(mp, test_tokenizer_path, tmp_path):
     results = {}
-    for size in (1, mp):
-        server = start(size, test_tokenizer_path, tmp_path)
-        try:
-            server.wait_ready()
-            results[size] = answers(server)
-            if size == 1:
-                assert server.stop() == 0, server.output()[-3000:]
-            else:  # SIGTERM to scripts/server.sh itself, as a supervisor sends it
-                os.kill(server.proc.pid, signal.SIGTERM)
-                assert server.proc.wait(120) == 0, server.output()[-3000:]
-        finally:
+    servers = {size: start(size, test_tokenizer_path, tmp_path) for size in (1, mp)}  # both load at the same time
+    try:
+        for size, server in servers.items():
+            try:
+                server.wait_ready()
+                results[size] = answers(server)
+                if size == 1:
+                    assert server.stop() == 0, server.output()[-3000:]
+                else:  # SIGTERM to scripts/server.sh itself, as a supervisor sends it
+                    os.kill(server.proc.pid, signal.SIGTERM)
+                    assert server.proc.wait(120) == 0, server.output()[-3000:]
+            finally:
+                server.kill()
+            output = server.output()
+            for rank in range(size):
+                assert f"> server rank {rank} stopped" in output, output[-3000:]
+            assert "Traceback" not in output and "terminate called" not in output, output[-3000:]
+    finally:
+        for server in servers.values():
             server.kill()
-        output = server.output()
-        for rank in range(size):
-            assert f"> server rank {rank} stopped" in output, output[-3000:]
-        assert "Traceback" not in output and "terminate called" not in output, output[-3000:]
     (texts, echo), (texts_tp, echo_tp) = results[1], results[mp]
     assert texts_tp == texts and all(texts) and len(texts) == 6
     assert len(echo_tp) == len(echo) and max(abs(a - b) for a, b in zip(echo, echo_tp)) <= 1e-4
