@@ -134,6 +134,8 @@ def file_span(t: torch.Tensor, path: str, mappings: List[Tuple[int, int, int]]) 
     """Where the memory-mapped, contiguous CPU tensor `t` lies in `path`; None when it is not such a tensor."""
     if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
         return None
+    if t.data_ptr() % 64:  # torch.save aligns every record to 64 bytes; the chunked reads rely on whole elements
+        return None
     ptr, n = t.data_ptr(), _nbytes(t)
     for start, end, offset in mappings:
         if start <= ptr and ptr + n <= end:
@@ -217,8 +219,8 @@ class FileReads:
     def _read_spans(self, spans: List[Tuple[torch.Tensor, FileSpan]]) -> None:
         """One layer's weights as one sequential read of the file range that holds them (its small resident
         tensors in between are read and skipped: per-tensor reads restart the disk's read-ahead and ran at a
-        third of the speed), READ_CHUNK bytes at a time; chunk i + 1 is read on a second thread while chunk i is
-        copied, or converted (the fp16 checkpoint into bf16 slots), into the slots."""
+        third of the speed), READ_CHUNK bytes at a time; the next READS_IN_FLIGHT chunks are read on other threads
+        while chunk i is copied, or converted (the fp16 checkpoint into bf16 slots), into the slots."""
         path = spans[0][1].path
         fd = self._fd(path)
         lo = min(s.offset for _, s in spans)
@@ -275,14 +277,6 @@ class FileReads:
                 job.exception()  # wait; a failed read is reported by the forward that needed it
         self.pending.clear()
 
-    def close(self) -> None:
-        self.drain()
-        self.reader.shutdown(wait=True)
-        self.chunk_reader.shutdown(wait=True)
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
 
 class CudaCopies:
     """CUDA: host copies in pinned memory, a copy stream one layer ahead, events both ways."""
@@ -292,7 +286,6 @@ class CudaCopies:
         self.stream = torch.cuda.Stream(device)
         self.ready = [torch.cuda.Event(), torch.cuda.Event()]
         self.free = [torch.cuda.Event(), torch.cuda.Event()]
-        self.pinned_bytes = self.pageable_bytes = 0
         self.bytes_read = 0
         self.warned = False
 
@@ -306,9 +299,7 @@ class CudaCopies:
                 warnings.warn(f"pinning host memory for the streamed weights failed ({first}); they are streamed "
                               f"from pageable memory (slower copies, no overlap)", stacklevel=2)
                 self.warned = True
-            self.pageable_bytes += _nbytes(host)
             return host.contiguous()
-        self.pinned_bytes += _nbytes(pinned)
         return pinned
 
     def locate(self, sources: Dict, path: str) -> None:
@@ -331,9 +322,6 @@ class CudaCopies:
 
     def drain(self) -> None:
         pass
-
-    def close(self) -> None:
-        self.stream.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,9 +401,6 @@ class LayerStreamer:
     @property
     def bytes_read(self) -> int:
         return self.engine.bytes_read
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 class NoOffload:
