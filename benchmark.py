@@ -18,9 +18,10 @@ Derived ratios (written with every raw figure by --json, a flat object with dott
   prefill.<n>.mfu                   = model FLOPs/s of the encode forward ÷ measured matmul peak of the dtype its
                                       GEMMs compute in (bf16; fp32 on a CPU without a bf16 GEMM: prefill.compute_dtype)
   eval.flop_fraction                = evaluation FLOPs/s ÷ prefill FLOPs/s at 512 tokens
-With --bminf (weight offload), also the streaming bandwidth and per format the bytes streamed per token and
-  offload.<format>.stream_fraction  = streamed bytes per step × steps/s ÷ that bandwidth, at batch 1 and at
-                                      --offload-batch-size (benchmarking/offload.py)
+With --bminf (weight offload), also per format the bytes streamed per token, the streaming bandwidth probed right
+  before and after each decode run, and
+  offload.<format>.stream_fraction  = streamed bytes per step × steps/s ÷ the better of those two probes, at batch
+                                      1, 8 and --offload-batch-size (benchmarking/offload.py)
 FLOP counts (docs/performance.md): 2 × linear-layer parameters × tokens + 4 × layers × s² × hidden (attention
 scores and weighted sum over the full s × s matrix the kernels compute) + 2 × hidden × vocab per logits row.
 Weight bytes per decode step: every parameter's storage once (the output projection is the word embedding).
@@ -111,8 +112,6 @@ def run_config(args, plan: Plan) -> dict:
 def run(args, plan: Plan, results: dict):
     """Every phase, between two rounds of machine probes. Returns (decode figures, bandwidths, matmul peaks)."""
     device = args.device
-    if args.bminf:
-        results["offload.stream_bandwidth_bytes_per_s"] = stream_bandwidth(args)
     bandwidth = read_bandwidth(device, plan.bw_bytes, plan.bw_repeats)
     peak16 = matmul_peak(device, plan.dtype16, plan.gemm_shapes, plan.gemm_repeats)
     peak32 = matmul_peak(device, torch.float32, plan.gemm_shapes if plan.prefill_fp32 else plan.gemm_shapes[:1], 2)
@@ -134,14 +133,18 @@ def run(args, plan: Plan, results: dict):
             model = load_model(args, FORMATS[name], plan.dtype16)
         nbytes = weight_bytes(model)
         run_decode(model, 1, min(plan.prompt, 8), 4, device, segments=1)  # warm-up (kernel build, first calls)
+        streams = args.bminf and model.offload.streams
         for b in plan.batches:
+            before = stream_bandwidth(args) if streams else None
             r = decode[(name, b)] = run_decode(model, b, plan.prompt, plan.steps, device, probe, nbytes)
+            if streams:  # the disk's (or host link's) bandwidth moves too: probed right before and after the run
+                r["stream_bandwidth"] = max(before, stream_bandwidth(args))
             mpu.print_rank_0(f"Decode {name} batch {b}: {r['tokens_per_s']:.2f} tokens/s "
                              f"(median step {r['step_ms_median']:.1f} ms, mean {r['tokens_per_s_mean']:.2f} tokens/s; "
                              f"prefill {plan.prompt} tokens {r['prefill_ms']:.0f} ms)")
         results[f"decode.{name}.weight_bytes_per_step"] = nbytes
-        if args.bminf:
-            offload.record(model, name, decode, results["offload.stream_bandwidth_bytes_per_s"], results)
+        if streams:
+            offload.record(model, name, decode, results)
         if (device.type == "cuda" and 1 in plan.batches and mpu.get_model_parallel_world_size() == 1
                 and not model.offload.streams):
             run_graph_decode(model, name, plan.prompt, plan.steps, decode, results)

@@ -31,7 +31,7 @@ from typing import Dict, Iterable, Optional, Set, Tuple
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-_COMMON_SOURCES = ("ops.cpp", "decode_step.cpp", "read_sum.cpp")
+_COMMON_SOURCES = ("ops.cpp", "decode_step.cpp", "read_sum.cpp", "convert.cpp")
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 
 # name -> (CPU flags it needs, compiler flags, its GEMV source); best first.

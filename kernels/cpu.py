@@ -11,6 +11,7 @@ its per-op overhead costs as much again. This module provides
 * `linear(x, w, bias)`: `F.linear` that takes the bf16 GEMV kernel when x is a CPU bf16 tensor with few rows, and
   `linear_in_fp32_blocks` for many rows on a CPU whose PyTorch has no fast bf16 GEMM (`bf16_gemm_native`: AVX2-only
   CPUs; GLM_CPU_BF16_GEMM=0 forces that path).
+* `fp16_to_bf16_(dst, src)`: the fp16 → bf16 copy on the calling thread alone (weight offload's reader thread).
 * `decode_layers(x, bits, weights, ...)`: one token per sequence through every layer in one C++ call (RoPE +
   KV-cache append + attention, GeGLU, residual + LayerNorm fused); model/fast_decode.py plans and calls it.
 
@@ -25,6 +26,7 @@ The exact fp32 path of the model never uses these kernels.
 """
 import functools
 import os
+import threading
 from typing import List, Optional
 
 import torch
@@ -35,10 +37,24 @@ from kernels import build
 MAX_GEMV_ROWS = 16  # more activation rows than this are a matrix multiply: F.linear / oneDNN is faster there
 
 
-@functools.lru_cache(maxsize=None)
+_LOADING = threading.Lock()
+_TIER: Optional[str] = None
+
+
 def tier() -> str:
-    """The loaded kernel tier: "avx512bf16", "avx512", "avx2", or "none" (chosen, built and loaded on the first call)."""
-    return build.select_and_load(verbose=os.environ.get("GLM_CPU_KERNELS_VERBOSE") == "1")
+    """The loaded kernel tier: "avx512bf16", "avx512", "avx2", or "none" (chosen, built and loaded on the first call,
+    once even when several threads ask at the same time: weight offload's converter thread may be the first)."""
+    global _TIER
+    if _TIER is None:
+        with _LOADING:
+            if _TIER is None:
+                _TIER = build.select_and_load(verbose=os.environ.get("GLM_CPU_KERNELS_VERBOSE") == "1")
+    return _TIER
+
+
+def loaded() -> bool:
+    """Whether a kernel library has been loaded already (never loads one)."""
+    return _TIER not in (None, build.NONE)
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,6 +148,23 @@ def read_bandwidth_probe(x: torch.Tensor) -> float:
     if available() and x.dtype == torch.float32 and x.is_contiguous():
         return torch.ops.glm_cpu.read_sum(x)
     return float(x.sum())
+
+
+def pool_rest() -> None:
+    """The kernels' helper threads sleep now rather than spin for the next call (the caller is about to wait for
+    other work that needs the cores: weight offload's reads). Nothing when no kernel library is loaded."""
+    if loaded():
+        torch.ops.glm_cpu.pool_rest()
+
+
+def fp16_to_bf16_(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for CPU fp16 `src` into bf16 `dst`, on the calling thread alone (weight offload's reader thread
+    converts while the compute threads run: PyTorch's copy would take a second team of threads); elsewise copy_."""
+    if (available() and src.dtype == torch.float16 and dst.dtype == torch.bfloat16 and src.is_contiguous()
+            and dst.is_contiguous() and src.device.type == dst.device.type == "cpu"):
+        torch.ops.glm_cpu.fp16_to_bf16(src, dst)
+    else:
+        dst.copy_(src)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,27 +14,34 @@ BMInf's scheme, natively:
   dedicated copy stream fills a slot after the event that says its previous layer is done, and records the event
   the compute stream waits on before using it, so copy and compute overlap.
 - CPU (`FileReads`): the streamed weights stay in the checkpoint file; a reader thread `pread`s the next streamed
-  layer (fp16 → bf16 through a small staging buffer, converted chunk by chunk) while the current layers compute,
-  then drops those file pages from the page cache: RAM holds the resident part and the two slots, not the rest.
-  Weights that are not a plain part of the file (quantized while loading) are copied from RAM instead.
+  layers while the current ones compute (straight into the slot, or through small staging buffers that a second
+  thread converts fp16 → bf16), then drops those file pages from the page cache: RAM holds the resident part, the
+  two slots and the staging buffers, not the rest. Weights that are not a plain part of the file (quantized while
+  loading) are copied from RAM instead.
 """
+import atexit
 import contextlib
 import ctypes
 import math
 import os
+import queue
+import threading
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+import weakref
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from kernels.cpu import fp16_to_bf16_, pool_rest
 from model.errors import UserError
 
 STREAMED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 GIB = 1 << 30
 READ_CHUNK = 16 << 20  # bytes per pread (and per fp16 → bf16 conversion step)
-READS_IN_FLIGHT = int(os.environ.get("GLM_OFFLOAD_READS", "1"))  # preads queued at once (1 was faster here)
+STAGING_CHUNKS = 3  # read chunks waiting for conversion, or being converted, at most
+MAX_SKIP = 1 << 20  # weights closer than this in the file are read as one range (the bytes between are skipped)
 PREFETCH = os.environ.get("GLM_OFFLOAD_PREFETCH", "1") != "0"  # 0: each slot is filled when needed (measurement)
 
 
@@ -143,14 +150,29 @@ def file_span(t: torch.Tensor, path: str, mappings: List[Tuple[int, int, int]]) 
     return None
 
 
+def _bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable in place."""
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
+
+
 def read_into(fd: int, out: torch.Tensor, offset: int) -> None:
     """Fill the contiguous CPU tensor `out` with the file's bytes from `offset` (pread: the GIL is released)."""
-    view, done = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+    readv_into(fd, [_bytes(out)], offset)
+
+
+def readv_into(fd: int, views: List[memoryview], offset: int) -> None:
+    """Fill the byte views, one after another, with the file's bytes from `offset` (preadv, short reads resumed)."""
+    total, done = sum(len(v) for v in views), 0
+    while views:
+        n = os.preadv(fd, views, offset + done)
         if n <= 0:
-            raise OSError(f"the file ends at byte {offset + done}, before the {len(view)} bytes asked from byte {offset}")
+            raise OSError(f"the file ends at byte {offset + done}, before the {total} bytes asked from byte {offset}")
         done += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views = views[1:]
+        if views and n:
+            views = [views[0][n:]] + views[1:]
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
@@ -176,16 +198,44 @@ def release_mapping(path: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Copy engines: how a slot is filled
 
+@dataclass
+class _Fill:
+    """One slot fill for the reader pipeline: where each weight goes, where it comes from, and its outcome."""
+    slot: List[torch.Tensor]
+    sources: List
+    done: Future
+    error: Optional[BaseException] = None
+    plan: Optional["_ReadPlan"] = None
+
+
+def read_ranges(spans: List[FileSpan]) -> List[Tuple[int, int]]:
+    """[lo, hi) file ranges that cover `spans`: spans less than MAX_SKIP bytes apart are read as one range (a layer's
+    four weights and the small resident tensors between them: one sequential read; per-tensor reads restart the
+    disk's read-ahead and ran at a third of the speed)."""
+    ranges: List[List[int]] = []
+    for s in sorted(spans, key=lambda s: s.offset):
+        if ranges and s.offset - ranges[-1][1] <= MAX_SKIP:
+            ranges[-1][1] = max(ranges[-1][1], s.offset + s.nbytes)
+        else:
+            ranges.append([s.offset, s.offset + s.nbytes])
+    return [(lo, hi) for lo, hi in ranges]
+
+
 class FileReads:
-    """CPU: fill slots by reading the checkpoint file (or copying a tensor) on one reader thread."""
+    """CPU: fill slots from the checkpoint file on two threads that run continuously across layers:
+    - the reader `pread`s READ_CHUNK bytes at a time. A weight stored as it is computed with (INT8/INT4 bytes, a
+      16-bit file of the compute dtype) is read straight into its slot (`preadv`, the bytes in between into scratch
+      memory); one that needs converting (the fp16 checkpoint into bf16 slots) into one of STAGING_CHUNKS buffers;
+    - the converter turns staged chunks into slot contents (fp16 → bf16 on its own thread, `kernels.cpu`), reports
+      the fill done, then drops the layer's pages from the page cache.
+    So the reader starts on the next layer while the converter finishes this one. Weights that are not a plain part
+    of the file (quantized while loading) are copied from RAM by the reader. The layer waiting for a fill sends the
+    kernels' spinning helper threads to sleep: the reads need those cores."""
 
     def __init__(self):
-        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm-offload")
-        self.chunk_reader = ThreadPoolExecutor(max_workers=READS_IN_FLIGHT, thread_name_prefix="glm-offload-read")
-        self.fds: Dict[str, int] = {}
-        self.staging: Optional[torch.Tensor] = None
-        self.pending: Dict[int, Future] = {}
-        self.bytes_read = 0
+        self.pipeline = _ReadPipeline()
+        weakref.finalize(self, self.pipeline.stop).atexit = False  # the threads end with the model (exit: below)
+        self.pending: Dict[int, _Fill] = {}
 
     def host_source(self, t: torch.Tensor, dtype: torch.dtype):
         return t  # resolved to a FileSpan by `locate` once loading is done (the file's mappings are known then)
@@ -203,79 +253,177 @@ class FileReads:
                           f"{path} (quantized while loading?): they stay in RAM; to stream them from the file, "
                           f"convert it once with tools/convert_tp.py --quantization-bit-width 4|8", stacklevel=2)
 
-    def _fd(self, path: str) -> int:
-        if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
-        return self.fds[path]
-
-    def _fill(self, slot: List[torch.Tensor], sources: List) -> None:
-        spans = [(dst.view(-1), src) for dst, src in zip(slot, sources) if isinstance(src, FileSpan)]
-        for dst, src in zip(slot, sources):
-            if not isinstance(src, FileSpan):
-                dst.copy_(src)
-        if spans:
-            self._read_spans(spans)
-
-    def _read_spans(self, spans: List[Tuple[torch.Tensor, FileSpan]]) -> None:
-        """One layer's weights as one sequential read of the file range that holds them (its small resident
-        tensors in between are read and skipped: per-tensor reads restart the disk's read-ahead and ran at a
-        third of the speed), READ_CHUNK bytes at a time; the next READS_IN_FLIGHT chunks are read on other threads
-        while chunk i is copied, or converted (the fp16 checkpoint into bf16 slots), into the slots."""
-        path = spans[0][1].path
-        fd = self._fd(path)
-        lo = min(s.offset for _, s in spans)
-        hi = max(s.offset + s.nbytes for _, s in spans)
-        if self.staging is None:
-            self.staging = torch.empty(READS_IN_FLIGHT + 1, READ_CHUNK, dtype=torch.uint8)
-        starts = list(range(lo, hi, READ_CHUNK))
-        ring = len(self.staging)
-
-        def read(i: int) -> Future:
-            return self.chunk_reader.submit(read_into, fd, self.staging[i % ring][:min(READ_CHUNK, hi - starts[i])],
-                                            starts[i])
-
-        pending = [read(i) for i in range(min(READS_IN_FLIGHT, len(starts)))]
-        for i, c0 in enumerate(starts):
-            try:
-                pending.pop(0).result()
-            except OSError as error:
-                for job in pending:
-                    job.exception()
-                raise UserError(f"{path}: reading a streamed layer (--bminf) failed ({error}); its weights are read "
-                                f"from this file in every forward, so it must stay in place, unchanged") from None
-            if i + READS_IN_FLIGHT < len(starts):
-                pending.append(read(i + READS_IN_FLIGHT))
-            chunk, c1 = self.staging[i % ring], min(c0 + READ_CHUNK, hi)
-            for dst, s in spans:
-                a, b = max(c0, s.offset), min(c1, s.offset + s.nbytes)
-                if a < b:  # offsets are multiples of 64 bytes: whole elements
-                    size = s.dtype.itemsize
-                    part = chunk[a - c0:b - c0].view(s.dtype)
-                    dst[(a - s.offset) // size:(b - s.offset) // size].copy_(part)
-        os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
-        self.bytes_read += sum(s.nbytes for _, s in spans)
-
     def fill(self, index: int, slot: List[torch.Tensor], sources: List) -> None:
+        job = self.pending[index] = _Fill(slot, sources, Future())
         if PREFETCH:
-            self.pending[index] = self.reader.submit(self._fill, slot, sources)
-        else:
-            self.pending[index] = (slot, sources)
+            self.pipeline.submit(job)
 
     def acquire(self, index: int) -> None:
         job = self.pending.pop(index)
-        if isinstance(job, Future):
-            job.result()
-        else:
-            self._fill(*job)
+        if not PREFETCH:
+            self.pipeline.submit(job)
+        if not job.done.done():
+            pool_rest()  # the reads need the cores more than the kernels' spinning helpers
+        job.done.result()
 
     def release(self, index: int) -> None:
         pass
 
     def drain(self) -> None:
         for job in self.pending.values():
-            if isinstance(job, Future):
-                job.exception()  # wait; a failed read is reported by the forward that needed it
+            if PREFETCH:
+                job.done.exception()  # wait; a failed read is reported by the forward that needed it
         self.pending.clear()
+
+
+_PIPELINES: "weakref.WeakSet[_ReadPipeline]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_pipelines() -> None:
+    """At exit, let reads still in flight (the next forward's first layers) finish before the interpreter goes: a
+    thread that wakes up while it finalizes takes the process down with it."""
+    for pipeline in list(_PIPELINES):
+        pipeline.stop()
+    for pipeline in list(_PIPELINES):
+        pipeline.join(timeout=30)
+
+
+@dataclass
+class _ReadPlan:
+    """One fill's work for the reader: tensors copied from RAM, then per READ_CHUNK of the file ranges
+    (c0, c1, the slot parts it holds, and the byte views to read it into, or None: staged for conversion)."""
+    copies: List[Tuple[torch.Tensor, torch.Tensor]]
+    path: str = ""
+    fd: int = -1
+    ranges: List[Tuple[int, int]] = field(default_factory=list)
+    chunks: List[tuple] = field(default_factory=list)
+
+
+class _ReadPipeline:
+    """The reader and converter threads of FileReads (apart from it, so that they end when it is collected)."""
+
+    def __init__(self):
+        self.fills: "queue.Queue[Optional[_Fill]]" = queue.Queue()
+        self.staged: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self.free: "queue.Queue[torch.Tensor]" = queue.Queue()
+        self.staging: List[torch.Tensor] = []
+        self.scratch = torch.empty(0, dtype=torch.uint8)
+        self.fds: Dict[str, int] = {}
+        self.plans: Dict[tuple, _ReadPlan] = {}
+        self.threads = [threading.Thread(target=self._read_loop, name="glm-offload-read", daemon=True),
+                        threading.Thread(target=self._convert_loop, name="glm-offload-convert", daemon=True)]
+        for t in self.threads:
+            t.start()
+        _PIPELINES.add(self)
+
+    def submit(self, job: _Fill) -> None:
+        self.fills.put(job)
+
+    def stop(self) -> None:
+        self.fills.put(None)  # the reader passes it on; the converter, last to use the files, closes them
+
+    def join(self, timeout: float) -> None:
+        for t in self.threads:
+            t.join(timeout)
+
+    # -- the reader thread ---------------------------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        while (job := self.fills.get()) is not None:
+            try:
+                self._read(job)
+            except BaseException as error:  # reported by the forward that waits for this fill
+                job.error = error
+            self.staged.put((job, None, 0, 0, []))  # the fill's end, after its chunks
+        self.staged.put(None)
+
+    def _read(self, job: _Fill) -> None:
+        plan = job.plan = self._plan(job)
+        for dst, src in plan.copies:
+            dst.copy_(src)
+        try:
+            for c0, c1, parts, views in plan.chunks:
+                if views is not None:
+                    readv_into(plan.fd, views, c0)
+                else:
+                    buf = self._staging_buffer()
+                    read_into(plan.fd, buf[:c1 - c0], c0)
+                    self.staged.put((job, buf, c0, c1, parts))
+        except OSError as error:
+            raise UserError(f"{plan.path}: reading a streamed layer (--bminf) failed ({error}); its weights are read "
+                            f"from this file in every forward, so it must stay in place, unchanged") from None
+
+    def _plan(self, job: _Fill) -> "_ReadPlan":
+        """How to fill this slot from these sources, worked out once (the reader then only issues the reads)."""
+        key = (id(job.slot), *(id(src) for src in job.sources))
+        if key in self.plans:
+            return self.plans[key]
+        spans = [(dst.view(-1), src) for dst, src in zip(job.slot, job.sources) if isinstance(src, FileSpan)]
+        plan = _ReadPlan([(dst, src) for dst, src in zip(job.slot, job.sources) if not isinstance(src, FileSpan)])
+        if spans:
+            plan.path = spans[0][1].path
+            if plan.path not in self.fds:
+                self.fds[plan.path] = os.open(plan.path, os.O_RDONLY)
+            plan.fd, plan.ranges = self.fds[plan.path], read_ranges([s for _, s in spans])
+            direct = all(dst.dtype == s.dtype for dst, s in spans)
+            for lo, hi in plan.ranges:
+                for c0 in range(lo, hi, READ_CHUNK):
+                    c1 = min(c0 + READ_CHUNK, hi)
+                    parts = [(dst, s, max(c0, s.offset), min(c1, s.offset + s.nbytes)) for dst, s in spans]
+                    parts = [p for p in parts if p[2] < p[3]]
+                    plan.chunks.append((c0, c1, parts, self._direct_views(c0, c1, parts) if direct else None))
+        self.plans[key] = plan
+        return plan
+
+    def _direct_views(self, c0: int, c1: int, parts) -> List[memoryview]:
+        """Where file bytes [c0, c1) go when read straight into the slots: their parts, and scratch memory for the
+        bytes between them."""
+        views, at = [], c0
+        for dst, s, a, b in sorted(parts, key=lambda p: p[2]):
+            if a > at:
+                views.append(self._scratch(a - at))
+            size = s.dtype.itemsize
+            views.append(_bytes(dst[(a - s.offset) // size:(b - s.offset) // size]))
+            at = b
+        if c1 > at:
+            views.append(self._scratch(c1 - at))
+        return views
+
+    def _scratch(self, n: int) -> memoryview:
+        if len(self.scratch) < n:
+            self.scratch = torch.empty(n, dtype=torch.uint8)
+        return _bytes(self.scratch[:n])
+
+    def _staging_buffer(self) -> torch.Tensor:
+        if len(self.staging) < STAGING_CHUNKS and self.free.empty():
+            self.staging.append(torch.empty(READ_CHUNK, dtype=torch.uint8))
+            return self.staging[-1]
+        return self.free.get()
+
+    # -- the converter thread ------------------------------------------------------------------------------------
+    def _convert_loop(self) -> None:
+        while (item := self.staged.get()) is not None:
+            job, buf, c0, c1, parts = item
+            if buf is not None:
+                try:
+                    if job.error is None:
+                        for dst, s, a, b in parts:  # offsets are multiples of 64 bytes: whole elements
+                            size = s.dtype.itemsize
+                            src = buf[a - c0:b - c0].view(s.dtype)
+                            out = dst[(a - s.offset) // size:(b - s.offset) // size]
+                            fp16_to_bf16_(out, src) if src.dtype == torch.float16 else out.copy_(src)
+                except BaseException as error:
+                    job.error = error
+                self.free.put(buf)
+                continue
+            if job.error is not None:
+                job.done.set_exception(job.error)
+            else:
+                job.done.set_result(None)
+            for lo, hi in job.plan.ranges if job.plan else ():  # once the layer may compute: this takes a while
+                os.posix_fadvise(job.plan.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+        for fd in self.fds.values():
+            os.close(fd)
 
 
 class CudaCopies:
@@ -286,7 +434,6 @@ class CudaCopies:
         self.stream = torch.cuda.Stream(device)
         self.ready = [torch.cuda.Event(), torch.cuda.Event()]
         self.free = [torch.cuda.Event(), torch.cuda.Event()]
-        self.bytes_read = 0
         self.warned = False
 
     def host_source(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -311,7 +458,6 @@ class CudaCopies:
             self.stream.wait_event(self.free[s])  # the layer that used this slot before is done with it
             for dst, src in zip(slot, sources):
                 dst.copy_(src, non_blocking=True)
-                self.bytes_read += _nbytes(src)
             self.ready[s].record(self.stream)
 
     def acquire(self, index: int) -> None:
@@ -348,6 +494,8 @@ class LayerStreamer:
         self.engine = CudaCopies(device) if device.type == "cuda" else FileReads()
         self.sources: Dict[Tuple[int, int], object] = {}
         self.path: Optional[str] = None
+        self.ahead: set = set()  # streamed layers (0, 1) already requested for the next forward
+        self.bytes_requested = 0  # streamed weights' bytes asked for so far
 
     # -- loading ------------------------------------------------------------------------------------------------
     def take(self, key: str, tensor: torch.Tensor, path: str) -> torch.Tensor:
@@ -371,16 +519,23 @@ class LayerStreamer:
         if k < len(self.plan.streamed):
             i = self.plan.streamed[k]
             self.engine.fill(k, self.slots[k % 2], [self.sources[(i, j)] for j in range(len(STREAMED_LINEARS))])
+            self.bytes_requested += self.plan.layer_bytes
 
     @contextlib.contextmanager
     def forward(self):
-        """One pass over the layers: the first two streamed layers are requested at once."""
-        self._fill(0)
-        self._fill(1)
+        """One pass over the layers. Its first two streamed layers were requested when the previous forward was done
+        with the slots (the weights do not change between forwards: the reads continue through the last layers'
+        compute, the logits and the sampling), or are now."""
+        for k in (0, 1):
+            if k not in self.ahead:
+                self._fill(k)
+        self.ahead.clear()
         try:
             yield
-        finally:
-            self.engine.drain()
+        except BaseException:
+            self.engine.drain()  # the fills of a forward that stopped midway: none may still write into a slot
+            self.ahead.clear()
+            raise
 
     @contextlib.contextmanager
     def layer(self, i: int):
@@ -391,16 +546,16 @@ class LayerStreamer:
         self.engine.acquire(k)
         yield
         self.engine.release(k)
-        self._fill(k + 2)  # into the slot this layer just used
+        if k + 2 < len(self.plan.streamed):
+            self._fill(k + 2)  # into the slot this layer just used
+        else:  # the next forward's streamed layer 0 or 1, whichever uses this slot
+            self._fill(k % 2)
+            self.ahead.add(k % 2)
 
     def segments(self, num_layers: int) -> List[Tuple[int, int]]:
         """[a, b) runs of layers that start at a streamed layer (or 0) and end before the next."""
         cuts = sorted({0, *self.plan.streamed, num_layers})
         return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
-
-    @property
-    def bytes_read(self) -> int:
-        return self.engine.bytes_read
 
 
 class NoOffload:

@@ -4,6 +4,7 @@ No timing assertions: the figures depend on the machine and its other tenants.
 """
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -125,3 +126,34 @@ def test_phases_over_budget_are_reported_not_run(monkeypatch, capsys):
     report.derive(results, {}, [], [16, 32], 1e9, None)
     lines = report.summary_lines(results, [], [16, 32], "bfloat16", None)
     assert "Prefill 16: MFU n/a" in lines and "Evaluation: n/a of the prefill FLOP rate" in lines
+
+
+def test_quick_mode_with_offload_reports_the_streaming_figures(tmp_path, demo_dir):
+    """--bminf with every layer streamed (the demo's fp16 file read into bf16 slots): per batch, the streaming
+    bandwidth probed around that run, the bytes per token and the fraction of that bandwidth decoding reached."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "GLM_DEMO_DIR": demo_dir}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "benchmark.sh"), "--quick", "--formats", "16bit",
+                           "--bminf", "--bminf-memory-limit", "0", "--offload-batch-size", "4",
+                           "--encode-lengths", "128", "--json", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "> BMInf activated, memory limit: 0 GB" in proc.stdout
+    results = json.loads(out.read_text())
+    layers = results["config.num_layers"]
+    assert results["offload.16bit.streamed_layers"] == layers and results["offload.16bit.resident_layers"] == 0
+    per_step = results["offload.16bit.streamed_bytes_per_step"]
+    h, inner = results["config.hidden_size"], results["config.inner_hidden_size"]
+    assert per_step == layers * 2 * (4 * h * h + 3 * inner * h)  # bf16 query_key_value, dense, GeGLU's two
+    probes = []
+    for b, prefix in ((1, "offload.16bit"), (2, "offload.16bit.batch2"), (4, "offload.16bit.batch4")):
+        bw, tps = results[f"{prefix}.stream_bandwidth_bytes_per_s"], results[f"{prefix}.tokens_per_s"]
+        assert bw > 0 and tps == results[f"decode.16bit{'' if b == 1 else f'.batch{b}'}.tokens_per_s"]
+        assert results[f"{prefix}.streamed_bytes_per_token"] == per_step / b
+        assert results[f"{prefix}.stream_fraction"] == pytest.approx(per_step * tps / b / bw)
+        assert results[f"{prefix}.streaming_limit_tokens_per_s"] == pytest.approx(b * bw / per_step)
+        probes.append(bw)
+    assert results["offload.stream_bandwidth_bytes_per_s"] == max(probes)
+    assert "Offload: streaming bandwidth up to" in proc.stdout
+    assert re.search(r"Offload 16bit: \d+ layers streamed .* batch 1 [\d.]+ tokens/s = [\d.]+ of the streaming limit",
+                     proc.stdout), proc.stdout[-2000:]

@@ -170,6 +170,8 @@ torch.set_num_threads(4)
 print(torch.ops.glm_cpu.pool_check(20000, 9))
 # across the pool's 32-bit call counter wrap-around (billions of calls in a long-running server)
 print(torch.ops.glm_cpu.pool_check(200, 9, 2 ** 32 - 101))
+# helpers sent to sleep between calls (weight offload, before waiting for a read) still take every chunk once
+print(sum(torch.ops.glm_cpu.pool_rest() or torch.ops.glm_cpu.pool_check(3, 9) for _ in range(2000)))
 """
 
 
@@ -182,7 +184,34 @@ def test_thread_pool_runs_every_chunk_once_before_returning():
     session."""
     proc = _run(["-c", POOL_CHECK.format(tier=cpu.tier())], cpu.tier(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["0", "0"], proc.stdout + proc.stderr[-2000:]
+    assert proc.stdout.split() == ["0", "0", "0"], proc.stdout + proc.stderr[-2000:]
+
+
+@needs_kernels
+def test_fp16_to_bf16_equals_pytorchs_conversion_for_every_value():
+    """Every fp16 bit pattern (normals, subnormals, ±0, ±inf) converts as `bf16.copy_(fp16)` does (NaN stays NaN),
+    at lengths with and without a vector tail; other dtypes fall back to copy_."""
+    src = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    for n in (65536, 65536 - 37, 5):
+        dst = torch.empty(n, dtype=torch.bfloat16)
+        cpu.fp16_to_bf16_(dst, src[-n:])
+        ref, nan = src[-n:].to(torch.bfloat16), src[-n:].isnan()
+        assert torch.equal(dst.view(torch.int16)[~nan], ref.view(torch.int16)[~nan]), n
+        assert dst[nan].isnan().all()
+    out = torch.empty(7)
+    cpu.fp16_to_bf16_(out, src[:7])
+    assert torch.equal(out, src[:7].float())
+
+
+def test_first_use_from_several_threads_loads_the_kernels_once():
+    """Weight offload's converter thread may ask for the kernels while the main thread does: one load, one line."""
+    code = ("import threading; from kernels import cpu; got = []\n"
+            "ts = [threading.Thread(target=lambda: got.append(cpu.tier())) for _ in range(4)]\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]; print(sorted(set(got)))")
+    proc = _run(["-c", code], cpu.tier(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == repr([cpu.tier()])
+    assert proc.stderr.count("> CPU kernels:") == 1, proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------

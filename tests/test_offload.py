@@ -155,8 +155,9 @@ def test_streamed_model_equals_resident_model_bitwise(checkpoints, fmt, capsys):
             assert torch.equal(a, b), (fmt, limit, name)
         if streamed:
             assert isinstance(model.offload, LayerStreamer)
-            # 1 scoring + 1 prefill + 6 decode forwards, each reading every streamed weight once from the file
-            assert model.offload.bytes_read == 8 * streamed * model.offload.plan.layer_bytes
+            # 1 scoring + 1 prefill + 6 decode forwards, each reading every streamed weight once from the file, and
+            # the first two streamed layers requested for a next forward
+            assert model.offload.bytes_requested == (8 * streamed + 2) * model.offload.plan.layer_bytes
             slots = {p.untyped_storage().data_ptr() for i in model.offload.plan.streamed
                      for p in model.transformer.layers[i].parameters() if p.dim() == 2}
             assert len(slots) == 4 * min(2, streamed)  # the streamed layers share two swap slots
@@ -175,16 +176,21 @@ def test_fp32_model_and_reads_on_demand_equal(checkpoints, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["16bit", "int4"])
-def test_small_read_chunks_and_two_reads_in_flight_equal(checkpoints, fmt, monkeypatch):
-    """Tensors straddling read chunks (64000 bytes: no tensor size is a multiple of it), converted fp16 -> bf16
-    across chunk boundaries, with two preads queued."""
+def test_small_read_chunks_equal(checkpoints, fmt, monkeypatch):
+    """Tensors straddling read chunks (64000 bytes: no tensor size is a multiple of it): the fp16 file converted into
+    bf16 slots across chunk boundaries through at most two staging buffers; INT4 bytes read straight into the slots,
+    the bytes between the weights into scratch memory, never staged."""
     from model import offload
     reference = every_path(build(checkpoints[fmt], FORMATS[fmt]))
     monkeypatch.setattr(offload, "READ_CHUNK", 64000)
-    monkeypatch.setattr(offload, "READS_IN_FLIGHT", 2)
+    monkeypatch.setattr(offload, "STAGING_CHUNKS", 2)
     model = build(checkpoints[fmt], FORMATS[fmt] + ["--bminf", "--bminf-memory-limit", "0"])
     assert all(torch.equal(a, b) for a, b in zip(reference, every_path(model)))
-    assert model.offload.engine.staging.shape == (3, 64000)
+    pipeline = model.offload.engine.pipeline
+    if fmt == "16bit":
+        assert [len(b) for b in pipeline.staging] == [64000, 64000]
+    else:
+        assert pipeline.staging == [] and 0 < len(pipeline.scratch) < 64000
 
 
 def test_quantized_while_loading_streams_from_ram_with_a_warning(checkpoints):
@@ -196,19 +202,45 @@ def test_quantized_while_loading_streams_from_ram_with_a_warning(checkpoints):
 
 def test_slots_are_filled_one_streamed_layer_ahead(checkpoints):
     """The order of events in a forward: slot k % 2 is refilled with streamed layer k + 2 only after layer k has
-    used it, and each layer waits for its own fill."""
+    used it, and each layer waits for its own fill; the last two layers' slots are refilled with the next forward's
+    first two layers, which that forward then does not request again."""
     model = build(checkpoints["16bit"], ["--bminf", "--bminf-memory-limit", "0"])
     engine, log = model.offload.engine, []
     for name in ("fill", "acquire", "release"):
         real = getattr(engine, name)
         setattr(engine, name, lambda k, *a, _n=name, _r=real: (log.append((_n, k)), _r(k, *a))[1])
     every_path(model)
-    first = log[:14]
+    first = log[:21]  # the first forward (2 + 6 × 3 events), then the second one's first
     assert first[:3] == [("fill", 0), ("fill", 1), ("acquire", 0)]
     for k in range(2, 6):  # fill k only after release k-2, and before acquire k-1 ends... one layer ahead
-        assert log.index(("fill", k)) == log.index(("release", k - 2)) + 1
-        assert log.index(("fill", k)) < log.index(("acquire", k - 1)) < log.index(("acquire", k))
+        assert first.index(("fill", k)) == first.index(("release", k - 2)) + 1
+        assert first.index(("fill", k)) < first.index(("acquire", k - 1)) < first.index(("acquire", k))
+    assert first[-6:] == [("release", 4), ("fill", 0), ("acquire", 5), ("release", 5), ("fill", 1), ("acquire", 0)]
     assert ("fill", 6) not in log
+    assert log.count(("fill", 0)) == log.count(("acquire", 0)) + 1  # the last one, for a forward that never came
+
+
+EXIT_WITH_READS_IN_FLIGHT = """
+import atexit, sys, threading
+sys.path.insert(0, {root!r})
+atexit.register(lambda: print("reader threads at exit:",  # registered first: runs after model.offload's own hook
+                              [t.name for t in threading.enumerate() if t.name.startswith("glm-offload")]))
+from tests.test_offload import build, every_path
+model = build({folder!r}, ["--bminf", "--bminf-memory-limit", "0"])
+every_path(model)
+print("requested for a next forward:", sorted(model.offload.ahead))
+"""
+
+
+def test_exit_waits_for_the_reads_in_flight(checkpoints):
+    """A process that ends right after a forward has the next forward's first layers still being read: the reader
+    threads finish and end before the interpreter does (a thread woken while it finalizes aborts the process)."""
+    import subprocess
+    code = EXIT_WITH_READS_IN_FLIGHT.format(root=str(ROOT), folder=str(checkpoints["16bit"]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "requested for a next forward: [0, 1]" in proc.stdout
+    assert "reader threads at exit: []" in proc.stdout, proc.stdout
 
 
 def test_a_checkpoint_cut_short_while_streaming_is_one_line_error(checkpoints, tmp_path):
@@ -380,7 +412,7 @@ def test_streaming_to_a_gpu_equals_the_cpu(fake_gpu):  # noqa: F811
         assert all(t.device.type == "cpu" and t.is_pinned() for t in sources)
         assert fake_gpu.pinned_bytes >= 2 * streamer.plan.layer_bytes
         assert answers(model) == expected
-        assert streamer.bytes_read > 0 and streamer.bytes_read % (2 * streamer.plan.layer_bytes) == 0
+        assert streamer.bytes_requested > 0 and streamer.bytes_requested % (2 * streamer.plan.layer_bytes) == 0
     # graph decoding would replay the step without the layers' copies: it runs eagerly on a streaming model
     from generation import generation_layout
     from generation.graph_decode import static_filling_sequence

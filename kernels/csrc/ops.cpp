@@ -1,5 +1,5 @@
 // Registers the ops under torch.ops.glm_cpu. Every tier's library (kernels/cpu.py builds one per instruction set,
-// each from this file, decode_step.cpp, read_sum.cpp and its gemv_<kind>.cpp) registers the same names, so only one
+// each from this file, decode_step.cpp, read_sum.cpp, convert.cpp and its gemv_<kind>.cpp) registers the same names, so only one
 // tier can be loaded per process; `tier()` says which one this library is.
 #include <torch/library.h>
 
@@ -28,7 +28,9 @@ TORCH_LIBRARY(glm_cpu, m) {
         "Tensor? mask=None) -> Tensor");
   m.def("add_layernorm(Tensor x, Tensor r, float alpha, Tensor weight, Tensor bias, float eps) -> Tensor");
   m.def("read_sum(Tensor x) -> float");
+  m.def("fp16_to_bf16(Tensor src, Tensor(a!) dst) -> ()");
   m.def("pool_check(int jobs, int chunks, int first_generation=-1) -> int", &pool_check);
+  m.def("pool_rest() -> ()", &pool_rest);
   m.def("tier() -> str", &tier);
 }
 
@@ -41,6 +43,7 @@ TORCH_LIBRARY_IMPL(glm_cpu, CPU, m) {
   m.impl("decode_layers", &decode_layers);
   m.impl("add_layernorm", &add_layernorm);
   m.impl("read_sum", &read_sum);
+  m.impl("fp16_to_bf16", &fp16_to_bf16);
 }
 
 }  // namespace glm_cpu

@@ -27,6 +27,12 @@ double read_sum(const at::Tensor& x);
 // first_generation >= 0 first moves the pool's call counter there (to cross its 32-bit wrap-around).
 int64_t pool_check(int64_t jobs, int64_t chunks, int64_t first_generation);
 
+// The pool's helpers sleep now instead of spinning for the next call (read_sum.cpp; see Pool::rest).
+void pool_rest();
+
+// dst = src (fp16 -> bf16, round to nearest even) on the calling thread alone (convert.cpp): weight offload's reader.
+void fp16_to_bf16(const at::Tensor& src, const at::Tensor& dst);
+
 // One decoding step (decode_step.cpp).
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                             const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t pos,

@@ -47,6 +47,8 @@ double read_sum(const at::Tensor& x_in) {
   return total;
 }
 
+void pool_rest() { Pool::get().rest(); }
+
 int64_t pool_check(int64_t jobs, int64_t chunks, int64_t first_generation) {
   if (first_generation >= 0) Pool::get().restart_at(uint32_t(first_generation));
   int64_t wrong = 0;

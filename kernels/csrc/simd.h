@@ -90,6 +90,7 @@ inline VF load_bf16(const bf16* p) {
 inline VF load_bf16_n(const bf16* p, int64_t n) {  // the first n < kLanes values, zeros beyond
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(tail_mask16(n), p)), 16));
 }
+inline VF load_fp16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 inline __m256i to_bf16_bits(VF v) {
 #if defined(__AVX512BF16__)
   return (__m256i)_mm512_cvtneps_pbh(v);
@@ -165,6 +166,7 @@ inline VF load_bf16_n(const bf16* p, int64_t n) {  // the first n < kLanes value
   std::memcpy(tmp, p, size_t(n) * sizeof(bf16));
   return load_bf16(tmp);
 }
+inline VF load_fp16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }  // F16C
 inline __m128i to_bf16_bits(VF v) {
   const __m256i b = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));

@@ -37,6 +37,10 @@ class Pool {
     next_.store(uint64_t(generation) << 32 | kClosed, std::memory_order_seq_cst);
   }
 
+  // Helpers stop spinning and sleep until the next call: the caller is about to wait for something else (weight
+  // offload's reads), and spinning helpers would hold the cores that work needs.
+  void rest() { rest_.store(true, std::memory_order_relaxed); }
+
   // fn(i) for every i in [0, n), spread over the calling thread and the helpers.
   template <class Fn>
   void run(int64_t n, const Fn& fn) {
@@ -46,6 +50,7 @@ class Pool {
       return;
     }
     std::lock_guard<std::mutex> one_job(run_mu_);  // callers from several threads take turns
+    rest_.store(false, std::memory_order_relaxed);
     resize(want - 1);
     // Close the previous generation before touching the job: a helper still inside participate() for it (it read
     // next_, then was descheduled) could otherwise read the new total_ and claim an index of the old generation
@@ -96,7 +101,7 @@ class Pool {
       int spins = 0;
       uint64_t gen;
       while ((gen = next_.load(std::memory_order_acquire) >> 32) == seen) {
-        if (++spins < kSpins) {
+        if (++spins < kSpins && !rest_.load(std::memory_order_relaxed)) {
           _mm_pause();
           continue;
         }
@@ -129,6 +134,7 @@ class Pool {
   std::atomic<uint64_t> next_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleeping_{0};
+  std::atomic<bool> rest_{false};
   std::mutex mu_, run_mu_;
   std::condition_variable cv_;
   bool stop_ = false;
