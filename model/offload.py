@@ -277,16 +277,19 @@ class FileReads:
 
 
 _PIPELINES: "weakref.WeakSet[_ReadPipeline]" = weakref.WeakSet()
+THREAD_PREFIX = "glm-offload"
 
 
 @atexit.register
 def _stop_pipelines() -> None:
-    """At exit, let reads still in flight (the next forward's first layers) finish before the interpreter goes: a
-    thread that wakes up while it finalizes takes the process down with it."""
+    """At exit, let the reader threads finish before the interpreter does: reads still in flight (the next forward's
+    first layers), and a model freed just before the end, whose threads are still ending (dropping their tensors).
+    A thread that needs the interpreter while it finalizes takes the process down with it (SIGABRT)."""
     for pipeline in list(_PIPELINES):
         pipeline.stop()
-    for pipeline in list(_PIPELINES):
-        pipeline.join(timeout=30)
+    for thread in threading.enumerate():
+        if thread.name.startswith(THREAD_PREFIX):
+            thread.join(timeout=30)
 
 
 @dataclass
@@ -311,8 +314,8 @@ class _ReadPipeline:
         self.scratch = torch.empty(0, dtype=torch.uint8)
         self.fds: Dict[str, int] = {}
         self.plans: Dict[tuple, _ReadPlan] = {}
-        self.threads = [threading.Thread(target=self._read_loop, name="glm-offload-read", daemon=True),
-                        threading.Thread(target=self._convert_loop, name="glm-offload-convert", daemon=True)]
+        self.threads = [threading.Thread(target=self._read_loop, name=f"{THREAD_PREFIX}-read", daemon=True),
+                        threading.Thread(target=self._convert_loop, name=f"{THREAD_PREFIX}-convert", daemon=True)]
         for t in self.threads:
             t.start()
         _PIPELINES.add(self)
@@ -322,10 +325,6 @@ class _ReadPipeline:
 
     def stop(self) -> None:
         self.fills.put(None)  # the reader passes it on; the converter, last to use the files, closes them
-
-    def join(self, timeout: float) -> None:
-        for t in self.threads:
-            t.join(timeout)
 
     # -- the reader thread ---------------------------------------------------------------------------------------
     def _read_loop(self) -> None:
