@@ -292,10 +292,17 @@ def _stop_pipelines() -> None:
             thread.join(timeout=30)
 
 
+def _part(dst: torch.Tensor, span: FileSpan, c0: int, c1: int) -> tuple:
+    """The part of slot tensor `dst` (flat) that file chunk [c0, c1) holds of `span`: (the slot elements, their bytes'
+    start and end within the chunk, the file's dtype). Offsets are multiples of 64 bytes: whole elements."""
+    a, b, size = max(c0, span.offset), min(c1, span.offset + span.nbytes), span.dtype.itemsize
+    return dst[(a - span.offset) // size:(b - span.offset) // size], a - c0, b - c0, span.dtype
+
+
 @dataclass
 class _ReadPlan:
     """One fill's work for the reader: tensors copied from RAM, then per READ_CHUNK of the file ranges
-    (c0, c1, the slot parts it holds, and the byte views to read it into, or None: staged for conversion)."""
+    (c0, c1, the slot parts it holds (`_part`), and the byte views to read it into, or None: staged for conversion)."""
     copies: List[Tuple[torch.Tensor, torch.Tensor]]
     path: str = ""
     fd: int = -1
@@ -368,24 +375,22 @@ class _ReadPipeline:
             for lo, hi in plan.ranges:
                 for c0 in range(lo, hi, READ_CHUNK):
                     c1 = min(c0 + READ_CHUNK, hi)
-                    parts = [(dst, s, max(c0, s.offset), min(c1, s.offset + s.nbytes)) for dst, s in spans]
-                    parts = [p for p in parts if p[2] < p[3]]
-                    plan.chunks.append((c0, c1, parts, self._direct_views(c0, c1, parts) if direct else None))
+                    parts = [_part(dst, s, c0, c1) for dst, s in spans if c0 < s.offset + s.nbytes and s.offset < c1]
+                    plan.chunks.append((c0, c1, parts, self._direct_views(c1 - c0, parts) if direct else None))
         self.plans[key] = plan
         return plan
 
-    def _direct_views(self, c0: int, c1: int, parts) -> List[memoryview]:
-        """Where file bytes [c0, c1) go when read straight into the slots: their parts, and scratch memory for the
-        bytes between them."""
-        views, at = [], c0
-        for dst, s, a, b in sorted(parts, key=lambda p: p[2]):
+    def _direct_views(self, size: int, parts) -> List[memoryview]:
+        """Where a chunk of `size` file bytes goes when read straight into the slots: their parts, and scratch memory
+        for the bytes between them."""
+        views, at = [], 0
+        for out, a, b, _ in sorted(parts, key=lambda p: p[1]):
             if a > at:
                 views.append(self._scratch(a - at))
-            size = s.dtype.itemsize
-            views.append(_bytes(dst[(a - s.offset) // size:(b - s.offset) // size]))
+            views.append(_bytes(out))
             at = b
-        if c1 > at:
-            views.append(self._scratch(c1 - at))
+        if size > at:
+            views.append(self._scratch(size - at))
         return views
 
     def _scratch(self, n: int) -> memoryview:
@@ -406,11 +411,9 @@ class _ReadPipeline:
             if buf is not None:
                 try:
                     if job.error is None:
-                        for dst, s, a, b in parts:  # offsets are multiples of 64 bytes: whole elements
-                            size = s.dtype.itemsize
-                            src = buf[a - c0:b - c0].view(s.dtype)
-                            out = dst[(a - s.offset) // size:(b - s.offset) // size]
-                            fp16_to_bf16_(out, src) if src.dtype == torch.float16 else out.copy_(src)
+                        for out, a, b, dtype in parts:
+                            src = buf[a:b].view(dtype)
+                            fp16_to_bf16_(out, src) if dtype == torch.float16 else out.copy_(src)
                 except BaseException as error:
                     job.error = error
                 self.free.put(buf)
