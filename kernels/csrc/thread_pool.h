@@ -21,8 +21,9 @@ namespace glm_cpu {
 // A small thread pool with dynamic chunks and no barrier. Decoding makes ~260 short parallel calls per token; with
 // OpenMP each call waits for every thread, so when another process holds a core (a shared machine) each call
 // stalls for a scheduler time slice. Here the calling thread takes chunks itself and only waits for chunks that a
-// helper has actually started: a descheduled helper costs speed, never a stall. Helpers spin briefly between calls
-// (decoding calls come every few microseconds), then sleep.
+// helper has actually started: a descheduled helper costs speed, never a stall. Helpers spin briefly after a call
+// (decoding calls come every few microseconds), then sleep until the next one (waking every 50 ms only to guard
+// against a missed wake-up).
 
 class Pool {
  public:
@@ -111,7 +112,7 @@ class Pool {
                      [&] { return stop_ || (next_.load(std::memory_order_seq_cst) >> 32) != seen; });
         sleeping_.fetch_sub(1, std::memory_order_seq_cst);
         if (stop_) return;
-        spins = 0;
+        spins = kSpins;  // no call came: wait again without spinning (an idle server held ~28 % of a core)
       }
       seen = gen;
       participate(gen);
