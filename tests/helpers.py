@@ -1,6 +1,8 @@
 """Shared test helpers: the SAT parity fixture, tiny models, and real multi-process launches."""
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -75,6 +77,27 @@ def torchrun(script, args, nprocs=2, timeout=300, env=None, cwd=ROOT):
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
+
+
+@contextlib.contextmanager
+def background_process(args, logs: Path, **popen):
+    """`args` started in its own process group, its stdout and stderr into logs/stdout and logs/stderr; the group is
+    killed on leaving if it still runs. Yields the Popen (`finished` waits for it)."""
+    with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=stdout, stderr=stderr, start_new_session=True, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def finished(proc, logs: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Waits for a `background_process` and returns it as a CompletedProcess with its logged output."""
+    returncode = proc.wait(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, returncode, (logs / "stdout").read_text(),
+                                       (logs / "stderr").read_text())
 
 
 def file_modes_bind():

@@ -5,14 +5,13 @@ and the sections' GPU-only code (graph capture, replayed timing, the layout on t
 tests/fake_cuda.py."""
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 
 from tests.fake_cuda import fake_gpu  # noqa: F401  (fixture)
-from tests.helpers import ROOT
+from tests.helpers import ROOT, background_process, finished
 from tools import gpu_check, gpu_sections
 
 SECTION_KEYS = {
@@ -46,23 +45,14 @@ def dry_run_in_background(request, tmp_path_factory):
         yield None
         return
     out_dir, logs = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("dry_run_output")
-    with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
-        proc = subprocess.Popen(_command(), cwd=ROOT, env={**os.environ, "OUT": str(out_dir)}, stdout=stdout,
-                                stderr=stderr, start_new_session=True)
-    try:
+    with background_process(_command(), logs, env={**os.environ, "OUT": str(out_dir)}) as proc:
         yield out_dir, logs, proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def dry_run(dry_run_in_background):
     out_dir, logs, proc = dry_run_in_background
-    returncode = proc.wait(timeout=300)
-    return out_dir, subprocess.CompletedProcess(proc.args, returncode, (logs / "stdout").read_text(),
-                                                (logs / "stderr").read_text())
+    return out_dir, finished(proc, logs, timeout=300)
 
 
 def test_the_planned_budget_fits_300_s_with_correctness_first():

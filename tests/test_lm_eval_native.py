@@ -5,7 +5,6 @@ fill_blanks; tensor and data parallelism (2 ranks under torchrun) against one pr
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 import evaluate
-from tests.helpers import ROOT, fixture_config, fixture_model_args, free_port
+from tests.helpers import ROOT, background_process, finished, fixture_config, fixture_model_args, free_port
 from tests.test_generation_cli import demo_env, demo_model_args
 
 DATA = ROOT / "tests" / "data" / "lm_eval"
@@ -55,17 +54,10 @@ def readme_run_in_background(request, demo_dir, tmp_path_factory):
     from tests.test_readme import readme_command
     tmp = tmp_path_factory.mktemp("lm_eval_sh")
     command = readme_command("bash scripts/lm_eval.sh")
-    with open(tmp / "stdout", "w") as stdout, open(tmp / "stderr", "w") as stderr:
-        output = shlex.quote(str(tmp / "out"))
-        proc = subprocess.Popen(["bash", "-c", f"{command} --log_samples --output_path {output}"], cwd=ROOT,
-                                env=offline_env(demo_env(demo_dir), tmp), stdout=stdout, stderr=stderr,
-                                start_new_session=True)
-    try:
+    output = shlex.quote(str(tmp / "out"))
+    with background_process(["bash", "-c", f"{command} --log_samples --output_path {output}"], tmp,
+                            env=offline_env(demo_env(demo_dir), tmp)) as proc:
         yield tmp, proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +66,7 @@ def readme_run(readme_run_in_background):
     tmp, proc = readme_run_in_background
 
     def wait():
-        returncode = proc.wait(timeout=600)
-        done = subprocess.CompletedProcess(proc.args, returncode, (tmp / "stdout").read_text(),
-                                           (tmp / "stderr").read_text())
+        done = finished(proc, tmp, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         return done, tmp / "out"
     return wait
